@@ -1,0 +1,507 @@
+//! Blob bytes on disk: pack segments per shard, large-blob files, and reads of both.
+//!
+//! This module owns the files under `packs/` and `large/` and the in-process segment
+//! table that readers go through. It writes records and makes them durable (fsync of the
+//! data, then of any directory it created) but never touches the index: the caller commits
+//! the returned placements through `meta` only after these calls return. Sealed segments
+//! and large files are read through mmap (zero-copy); the one active segment per shard is
+//! read with `pread`, so a short file is an error and never a SIGBUS.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::ops::{Deref, Range};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::format::{RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN, SegmentHeader};
+use crate::map::Map;
+use crate::meta::SegmentUpdate;
+use crate::sys;
+
+/// A blob's bytes: a view into a memory map (sealed segments and large files) or an owned
+/// buffer (the active segment). Either way it stays valid while other threads write,
+/// compact or collect.
+#[derive(Clone)]
+pub struct Blob(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Mapped { map: Arc<Map>, range: Range<usize> },
+    Owned(Arc<[u8]>, Range<usize>),
+}
+
+impl Blob {
+    fn mapped(map: Arc<Map>, range: Range<usize>) -> Blob {
+        Blob(Repr::Mapped { map, range })
+    }
+
+    fn owned(v: Vec<u8>) -> Blob {
+        let n = v.len();
+        Blob(Repr::Owned(v.into(), 0..n))
+    }
+
+    /// Whether the bytes are read straight from a memory map (no copy).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.0, Repr::Mapped { .. })
+    }
+
+    /// A sub-range of the blob, sharing its storage. Panics if out of bounds, like slicing.
+    #[must_use]
+    pub fn slice(&self, r: Range<usize>) -> Blob {
+        assert!(
+            r.start <= r.end && r.end <= self.len(),
+            "range out of bounds"
+        );
+        let sub = |base: &Range<usize>| base.start + r.start..base.start + r.end;
+        Blob(match &self.0 {
+            Repr::Mapped { map, range } => Repr::Mapped {
+                map: map.clone(),
+                range: sub(range),
+            },
+            Repr::Owned(v, range) => Repr::Owned(v.clone(), sub(range)),
+        })
+    }
+}
+
+impl Deref for Blob {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Mapped { map, range } => &map.bytes()[range.clone()],
+            Repr::Owned(v, range) => &v[range.clone()],
+        }
+    }
+}
+
+impl AsRef<[u8]> for Blob {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Blob({} bytes, mapped: {})",
+            self.len(),
+            self.is_mapped()
+        )
+    }
+}
+
+/// The read side of one segment: lazily opened, mapped once sealed.
+struct SegView {
+    path: PathBuf,
+    sealed_len: OnceLock<u64>,
+    map: OnceLock<Arc<Map>>,
+    file: OnceLock<File>,
+}
+
+impl SegView {
+    fn new(path: PathBuf, sealed_len: Option<u64>) -> SegView {
+        let v = SegView {
+            path,
+            sealed_len: OnceLock::new(),
+            map: OnceLock::new(),
+            file: OnceLock::new(),
+        };
+        if let Some(l) = sealed_len {
+            let _ = v.sealed_len.set(l);
+        }
+        v
+    }
+
+    fn file(&self) -> Result<&File> {
+        if let Some(f) = self.file.get() {
+            return Ok(f);
+        }
+        let f = File::open(&self.path).ctx("open segment", &self.path)?;
+        Ok(self.file.get_or_init(|| f))
+    }
+
+    fn read(&self, offset: u64, len: u64) -> Result<Blob> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::Corrupt("record range overflows".into()))?;
+        if let Some(&sealed_len) = self.sealed_len.get() {
+            let map = if let Some(m) = self.map.get() {
+                m.clone()
+            } else {
+                let f = File::open(&self.path).ctx("open segment", &self.path)?;
+                let m = Arc::new(Map::new(&f, &self.path, sealed_len)?);
+                self.map.get_or_init(|| m).clone()
+            };
+            if end > map.bytes().len() as u64 {
+                return Err(Error::Corrupt(format!(
+                    "{}: record {offset}..{end} past committed length {sealed_len}",
+                    self.path.display()
+                )));
+            }
+            return Ok(Blob::mapped(map, offset as usize..end as usize));
+        }
+        let mut v = vec![0u8; len as usize];
+        self.file()?
+            .read_exact_at(&mut v, offset)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => Error::Corrupt(format!(
+                    "{}: short read at {offset}..{end}",
+                    self.path.display()
+                )),
+                _ => Error::io("read segment", &self.path, e),
+            })?;
+        Ok(Blob::owned(v))
+    }
+}
+
+/// The append end of a shard: its active segment.
+pub(crate) struct Active {
+    pub id: u64,
+    file: File,
+    path: PathBuf,
+    /// Committed length: the next record goes here.
+    pub len: u64,
+}
+
+impl Active {
+    /// Opens the active segment found at open, cutting an uncommitted tail.
+    pub fn reopen(id: u64, path: PathBuf, committed_len: u64) -> Result<Active> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .ctx("open segment", &path)?;
+        let actual = file.metadata().ctx("stat", &path)?.len();
+        if actual < committed_len {
+            return Err(Error::Corrupt(format!(
+                "{} is {actual} bytes, but {committed_len} are committed",
+                path.display()
+            )));
+        }
+        let mut hdr = [0u8; SEGMENT_HEADER_LEN as usize];
+        file.read_exact_at(&mut hdr, 0).ctx("read", &path)?;
+        let h = SegmentHeader::decode(&hdr).map_err(|e| Error::bad_header(path.display(), &e))?;
+        if h.id != id {
+            return Err(Error::Corrupt(format!(
+                "{} holds segment {}, expected {id}",
+                path.display(),
+                h.id
+            )));
+        }
+        if actual > committed_len {
+            // Never mapped (only sealed segments are), so shrinking it is safe.
+            file.set_len(committed_len).ctx("truncate", &path)?;
+            file.sync_all().ctx("fsync", &path)?;
+        }
+        Ok(Active {
+            id,
+            file,
+            path,
+            len: committed_len,
+        })
+    }
+}
+
+/// One shard's writer state, guarded by the shard's append lock.
+pub(crate) struct ShardWriter {
+    pub shard: u32,
+    pub active: Option<Active>,
+}
+
+/// Where a record landed: the segment and the payload's offset.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Placed {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// Result of appending a batch: placements (in input order) and the segment updates to
+/// commit with them.
+pub(crate) struct Appended {
+    pub placed: Vec<Placed>,
+    pub updates: Vec<SegmentUpdate>,
+}
+
+/// Flush records to the file in writes of about this size.
+const WRITE_BUF: usize = 8 << 20;
+
+/// The blob files of a store and the read-side segment table.
+pub(crate) struct Files {
+    root: PathBuf,
+    segment_size: u64,
+    views: RwLock<HashMap<u64, Arc<SegView>>>,
+    next_segment: AtomicU64,
+    next_gen: AtomicU64,
+    tmp_seq: AtomicU64,
+}
+
+impl Files {
+    pub fn new(root: &Path, segment_size: u64, next_segment: u64) -> Files {
+        Files {
+            root: root.to_owned(),
+            segment_size,
+            views: RwLock::new(HashMap::new()),
+            next_segment: AtomicU64::new(next_segment),
+            // Generations only need to differ from any a deleted copy used; wall-clock
+            // microseconds at open keep them increasing across restarts, and
+            // RENAME_NOREPLACE catches the rest.
+            next_gen: AtomicU64::new(sys::now_ms().saturating_mul(1000)),
+            tmp_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// `ROOT/packs/<shard>`.
+    pub fn shard_dir(&self, shard: u32) -> PathBuf {
+        self.root.join("packs").join(format!("{shard:03}"))
+    }
+
+    /// Path of a segment file.
+    pub fn segment_path(&self, shard: u32, id: u64) -> PathBuf {
+        self.shard_dir(shard).join(format!("pack-{id:016x}.pack"))
+    }
+
+    /// Path of a large-blob file of a given generation.
+    pub fn large_path(&self, d: &Digest, generation: u64) -> PathBuf {
+        self.large_dir(d)
+            .join(format!("{}-{}.{generation}", d.algorithm(), d.hex()))
+    }
+
+    fn large_dir(&self, d: &Digest) -> PathBuf {
+        self.root.join("large").join(format!("{:02x}", d.hash()[0]))
+    }
+
+    /// A fresh temporary path under `ingest/tmp` (cleared at every open).
+    pub fn tmp_path(&self) -> PathBuf {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("ingest")
+            .join("tmp")
+            .join(format!("put-{}-{n}", std::process::id()))
+    }
+
+    /// Registers the read view of a segment known to the index.
+    pub fn add_view(&self, id: u64, shard: u32, sealed_len: Option<u64>) {
+        let v = Arc::new(SegView::new(self.segment_path(shard, id), sealed_len));
+        self.views
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, v);
+    }
+
+    /// Records that a segment was sealed at `len`: readers map it from now on.
+    pub fn mark_sealed(&self, id: u64, len: u64) {
+        if let Some(v) = self
+            .views
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+        {
+            let _ = v.sealed_len.set(len);
+        }
+    }
+
+    /// Reads `len` payload bytes at `offset` of segment `id`.
+    pub fn read_packed(&self, id: u64, offset: u64, len: u64) -> Result<Blob> {
+        let v = self
+            .views
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::Corrupt(format!("index names unknown segment {id}")))?;
+        v.read(offset, len)
+    }
+
+    /// Maps the payload of a large blob.
+    pub fn read_large(&self, d: &Digest, generation: u64, len: u64) -> Result<Blob> {
+        let path = self.large_path(d, generation);
+        let f = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::Corrupt(format!("large blob file {} is missing", path.display()))
+            }
+            _ => Error::io("open", &path, e),
+        })?;
+        let total = RECORD_HEADER_LEN + len;
+        let map = Arc::new(Map::new(&f, &path, total)?);
+        Ok(Blob::mapped(
+            map,
+            RECORD_HEADER_LEN as usize..total as usize,
+        ))
+    }
+
+    /// Creates a new segment file for `shard` (durable only after the batch's fsyncs).
+    fn create_segment(&self, shard: u32) -> Result<Active> {
+        let id = self.next_segment.fetch_add(1, Ordering::Relaxed);
+        let path = self.segment_path(shard, id);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .ctx("create segment", &path)?;
+        file.write_all_at(&SegmentHeader { shard, id }.encode(), 0)
+            .ctx("write", &path)?;
+        self.add_view(id, shard, None);
+        Ok(Active {
+            id,
+            file,
+            path,
+            len: SEGMENT_HEADER_LEN,
+        })
+    }
+
+    /// Appends records to the shard's active segment (sealing it and starting another when
+    /// it fills), then fsyncs every touched segment and, if one was created, the shard
+    /// directory. The writer's committed length is not advanced: the caller does that once
+    /// the index commit succeeds. On error the active segment is dropped from the writer
+    /// (poisoned: it takes no more appends) and nothing is committed.
+    pub fn append(&self, w: &mut ShardWriter, recs: &[(RecordHeader, &[u8])]) -> Result<Appended> {
+        let r = self.append_inner(w, recs);
+        if r.is_err() {
+            w.active = None;
+        }
+        r
+    }
+
+    fn append_inner(
+        &self,
+        w: &mut ShardWriter,
+        recs: &[(RecordHeader, &[u8])],
+    ) -> Result<Appended> {
+        let mut created = false;
+        let mut active = if let Some(a) = w.active.take() {
+            a
+        } else {
+            created = true;
+            self.create_segment(w.shard)?
+        };
+        let mut placed = Vec::with_capacity(recs.len());
+        let mut updates = Vec::new();
+        let mut pos = active.len;
+        let mut buf_start = pos;
+        let mut buf: Vec<u8> = Vec::with_capacity(
+            WRITE_BUF.min(
+                recs.iter()
+                    .map(|(_, d)| d.len() + RECORD_HEADER_LEN as usize)
+                    .sum(),
+            ),
+        );
+        for (h, data) in recs {
+            let rec_len = RECORD_HEADER_LEN + data.len() as u64;
+            if pos > SEGMENT_HEADER_LEN && pos + rec_len > self.segment_size {
+                flush(&active, &mut buf, buf_start)?;
+                active.file.sync_data().ctx("fsync", &active.path)?;
+                updates.push(SegmentUpdate {
+                    id: active.id,
+                    shard: w.shard,
+                    committed_len: pos,
+                    sealed: true,
+                });
+                active = self.create_segment(w.shard)?;
+                created = true;
+                pos = active.len;
+                buf_start = pos;
+            }
+            buf.extend_from_slice(&h.encode());
+            buf.extend_from_slice(data);
+            placed.push(Placed {
+                segment: active.id,
+                offset: pos + RECORD_HEADER_LEN,
+            });
+            pos += rec_len;
+            if buf.len() >= WRITE_BUF {
+                flush(&active, &mut buf, buf_start)?;
+                buf_start = pos;
+            }
+        }
+        flush(&active, &mut buf, buf_start)?;
+        active.file.sync_data().ctx("fsync", &active.path)?;
+        if created {
+            sys::sync_dir(&self.shard_dir(w.shard))?;
+        }
+        updates.push(SegmentUpdate {
+            id: active.id,
+            shard: w.shard,
+            committed_len: pos,
+            sealed: pos >= self.segment_size,
+        });
+        w.active = Some(active);
+        Ok(Appended { placed, updates })
+    }
+
+    /// After a successful commit: advances the writer and seals what the batch sealed.
+    pub fn committed(&self, w: &mut ShardWriter, updates: &[SegmentUpdate]) {
+        for u in updates {
+            if u.sealed {
+                self.mark_sealed(u.id, u.committed_len);
+            }
+        }
+        if let (Some(a), Some(last)) = (&mut w.active, updates.last())
+            && a.id == last.id
+        {
+            a.len = last.committed_len;
+            if last.sealed {
+                w.active = None;
+            }
+        }
+    }
+
+    /// Writes a record (header + payload) as a new file in `ingest/tmp`, fsyncs it, and
+    /// renames it into `large/`. Returns the generation.
+    pub fn write_large(&self, header: &RecordHeader, data: &[u8]) -> Result<u64> {
+        let tmp = self.tmp_path();
+        let r = (|| {
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .ctx("create", &tmp)?;
+            f.write_all_at(&header.encode(), 0).ctx("write", &tmp)?;
+            f.write_all_at(data, RECORD_HEADER_LEN).ctx("write", &tmp)?;
+            self.install_large(&tmp, &f, &header.digest)
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    /// fsyncs `file` (at `tmp`, already holding header and payload) and renames it into
+    /// `large/` under a fresh generation, then fsyncs the directory.
+    pub fn install_large(&self, tmp: &Path, file: &File, d: &Digest) -> Result<u64> {
+        file.sync_all().ctx("fsync", tmp)?;
+        let dir = self.large_dir(d);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => sys::sync_dir(dir.parent().unwrap_or(&self.root))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create directory", &dir, e)),
+        }
+        loop {
+            let generation = self.next_gen.fetch_add(1, Ordering::Relaxed);
+            let dst = self.large_path(d, generation);
+            match sys::rename_noreplace(tmp, &dst) {
+                Ok(()) => {
+                    sys::sync_dir(&dir)?;
+                    return Ok(generation);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io("rename", &dst, e)),
+            }
+        }
+    }
+}
+
+fn flush(active: &Active, buf: &mut Vec<u8>, at: u64) -> Result<()> {
+    if !buf.is_empty() {
+        active
+            .file
+            .write_all_at(buf, at)
+            .ctx("write", &active.path)?;
+        buf.clear();
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The store's error type: one enum whose variants a caller can match on.
+//!
+//! This module owns error classification only. I/O errors carry the path they concern;
+//! mismatch errors carry both sides ("was X, should have been Y").
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::digest::{Digest, DigestError};
+use crate::format::HeaderError;
+
+/// Result alias for store operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a store operation can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The store is open read-write in another process (or another handle in this one).
+    #[error("store {path} is locked: another process has it open read-write")]
+    Locked {
+        /// The store root.
+        path: PathBuf,
+    },
+    /// No store exists at the path (read-only commands never create one).
+    #[error("no store at {path}")]
+    NoStore {
+        /// The store root.
+        path: PathBuf,
+    },
+    /// The store lives on a file system where locks and mmap are unsafe.
+    #[error("{path} is on a network file system ({fs}); layerstore needs a local disk")]
+    NetworkFilesystem {
+        /// The store root.
+        path: PathBuf,
+        /// The file system type.
+        fs: &'static str,
+    },
+    /// No blob with this digest is stored.
+    #[error("blob {0} not found")]
+    NotFound(Digest),
+    /// The bytes hash to something other than what the caller expected.
+    #[error("digest mismatch: content hashes to {actual}, but should have been {expected}")]
+    DigestMismatch {
+        /// The digest the caller named.
+        expected: Digest,
+        /// The digest of the bytes received.
+        actual: Digest,
+    },
+    /// The caller's expected size differs from the bytes received.
+    #[error("size mismatch: received {actual} bytes, but should have been {expected}")]
+    SizeMismatch {
+        /// The size the caller named.
+        expected: u64,
+        /// Bytes received.
+        actual: u64,
+    },
+    /// A digest string or key is malformed.
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    /// Stored data contradicts the index or its own headers.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    /// An ingest with this ref is already being written in this process.
+    #[error("ingest {0:?} is already in progress")]
+    IngestBusy(String),
+    /// An invalid argument (ref name, option value).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// A file-system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: Arc<std::io::Error>,
+    },
+    /// The metadata database failed.
+    #[error("metadata database: {0}")]
+    Db(Arc<redb::Error>),
+    /// A previous write to this segment failed to reach the disk; it takes no more writes.
+    #[error("segment {0} is poisoned by an earlier write failure")]
+    Poisoned(u64),
+}
+
+impl Error {
+    /// Wraps an I/O error with the operation and path it concerns.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            op,
+            path: path.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// A corruption error for a bad header at a place.
+    pub(crate) fn bad_header(what: impl std::fmt::Display, e: &HeaderError) -> Error {
+        Error::Corrupt(format!("{what}: {e}"))
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Error {
+                Error::Db(Arc::new(e.into()))
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// Adds path context to `std::io::Result`.
+pub(crate) trait IoContext<T> {
+    /// Maps the error to [`Error::Io`] with `op` and `path`.
+    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e))
+    }
+}
+
+impl<T> IoContext<T> for rustix::io::Result<T> {
+    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T> {
+        self.map_err(|e| Error::io(op, path, e.into()))
+    }
+}

@@ -1,0 +1,36 @@
+//! `layerstore`: an embeddable, crash-safe, content-addressed store for OCI and Docker
+//! image content.
+//!
+//! Blobs are kept byte-exact under their digest. Small blobs are appended to sharded,
+//! append-only pack segments; large ones get a file each; both are read through mmap.
+//! The index lives in redb and is the only source of truth for what exists: a blob
+//! becomes visible only in the transaction that commits it, after its bytes are durable.
+//! See `docs/ARCHITECTURE.md` for the modules and `docs/FORMAT.md` for the bytes on disk.
+//!
+//! ```
+//! # let dir = tempfile::tempdir().unwrap();
+//! use layerstore::{Options, Store};
+//! let store = Store::open(dir.path(), Options::default())?;
+//! let d = store.put(b"hello")?;
+//! assert_eq!(&*store.get(&d.digest)?, b"hello");
+//! # Ok::<(), layerstore::Error>(())
+//! ```
+
+mod blobs;
+pub mod cli;
+pub mod digest;
+mod error;
+pub mod format;
+mod ingest;
+mod map;
+mod meta;
+mod store;
+mod sys;
+
+pub use blobs::Blob;
+pub use digest::{Algorithm, Digest, DigestError};
+pub use error::{Error, Result};
+pub use format::Kind;
+pub use ingest::{Ingest, MAX_REF_LEN};
+pub use meta::{Counters, Location, SCHEMA_VERSION};
+pub use store::{BlobInfo, BlobIter, Descriptor, Info, Options, PutOptions, Snapshot, Store};

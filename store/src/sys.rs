@@ -1,0 +1,67 @@
+//! Thin, safe wrappers over the file-system calls the store's durability rests on:
+//! directory fsync, `RENAME_NOREPLACE`, the store lock, and the network-file-system check.
+//!
+//! This module owns no state. Every function maps OS errors to [`Error::Io`] with the
+//! path concerned, and none retries an fsync (after a failed fsync the kernel may have
+//! dropped the dirty pages, so a retry can report success over lost data).
+
+use std::fs::File;
+use std::path::Path;
+
+use rustix::fs::{CWD, FlockOperation, RenameFlags};
+
+use crate::error::{Error, IoContext, Result};
+
+/// fsyncs a directory so that entries created or renamed in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).ctx("open directory", dir)?;
+    f.sync_all().ctx("fsync directory", dir)
+}
+
+/// Renames `from` to `to`, failing with `AlreadyExists` instead of replacing `to`.
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE).map_err(Into::into)
+}
+
+/// Takes the exclusive, non-blocking advisory lock on `file`. `Ok(false)` means another
+/// open file description (another process, or another handle here) holds it.
+pub fn try_lock(file: &File, path: &Path) -> Result<bool> {
+    match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(false),
+        Err(e) => Err(Error::io("lock", path, e.into())),
+    }
+}
+
+/// Fails when `path` is on a network file system, where flock and mmap are unsafe.
+pub fn refuse_network_fs(path: &Path) -> Result<()> {
+    let st = rustix::fs::statfs(path).ctx("statfs", path)?;
+    // Magic numbers from linux/magic.h and statfs(2).
+    #[allow(clippy::unreadable_literal)]
+    let fs = match st.f_type as i64 {
+        0x6969 => Some("nfs"),
+        0xFF53_4D42 => Some("cifs"),
+        0xFE53_4D42 => Some("smb2"),
+        0x517B => Some("smb"),
+        0x0102_1997 => Some("9p"),
+        0x6B41_4653 => Some("afs"),
+        0x0BD0_0BD0 => Some("lustre"),
+        0x4750_4653 => Some("gpfs"),
+        0x00C3_6400 => Some("ceph"),
+        _ => None,
+    };
+    match fs {
+        Some(fs) => Err(Error::NetworkFilesystem {
+            path: path.to_owned(),
+            fs,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Current wall-clock time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
