@@ -163,8 +163,10 @@ pub(crate) struct Active {
     pub id: u64,
     file: File,
     path: PathBuf,
-    /// Committed length: the next record goes here.
+    /// Committed length: what the index vouches for.
     pub len: u64,
+    /// End of what this batch wrote (== `len` between batches).
+    end: u64,
 }
 
 impl Active {
@@ -202,6 +204,7 @@ impl Active {
             file,
             path,
             len: committed_len,
+            end: committed_len,
         })
     }
 }
@@ -210,6 +213,8 @@ impl Active {
 pub(crate) struct ShardWriter {
     pub shard: u32,
     pub active: Option<Active>,
+    /// The current batch created a segment file: the shard directory needs an fsync.
+    pub dir_dirty: bool,
 }
 
 /// Where a record landed: the segment and the payload's offset.
@@ -219,15 +224,18 @@ pub(crate) struct Placed {
     pub offset: u64,
 }
 
-/// Result of appending a batch: placements (in input order) and the segment updates to
-/// commit with them.
+/// Result of one append: placements (in input order) and the segment updates to commit
+/// with them.
 pub(crate) struct Appended {
     pub placed: Vec<Placed>,
+    /// Segments sealed (and fsynced) during the append.
     pub updates: Vec<SegmentUpdate>,
 }
 
-/// Flush records to the file in writes of about this size.
-const WRITE_BUF: usize = 8 << 20;
+/// `ROOT/packs/<shard>`: the directory of a shard's segments.
+pub(crate) fn shard_dir(root: &Path, shard: u32) -> PathBuf {
+    root.join("packs").join(format!("{shard:03}"))
+}
 
 /// The blob files of a store and the read-side segment table.
 pub(crate) struct Files {
@@ -256,7 +264,7 @@ impl Files {
 
     /// `ROOT/packs/<shard>`.
     pub fn shard_dir(&self, shard: u32) -> PathBuf {
-        self.root.join("packs").join(format!("{shard:03}"))
+        shard_dir(&self.root, shard)
     }
 
     /// Path of a segment file.
@@ -351,14 +359,15 @@ impl Files {
             file,
             path,
             len: SEGMENT_HEADER_LEN,
+            end: SEGMENT_HEADER_LEN,
         })
     }
 
-    /// Appends records to the shard's active segment (sealing it and starting another when
-    /// it fills), then fsyncs every touched segment and, if one was created, the shard
-    /// directory. The writer's committed length is not advanced: the caller does that once
-    /// the index commit succeeds. On error the active segment is dropped from the writer
-    /// (poisoned: it takes no more appends) and nothing is committed.
+    /// Appends records to the shard's active segment after what the current batch already
+    /// wrote, sealing it and starting another when it fills (a segment sealed here is
+    /// fsynced here). Returns placements and the updates of sealed segments; the active
+    /// segment's update and fsync come from [`Files::finish_batch`]. On error the active
+    /// segment is dropped from the writer (poisoned: it takes no more appends).
     pub fn append(&self, w: &mut ShardWriter, recs: &[(RecordHeader, &[u8])]) -> Result<Appended> {
         let r = self.append_inner(w, recs);
         if r.is_err() {
@@ -372,65 +381,66 @@ impl Files {
         w: &mut ShardWriter,
         recs: &[(RecordHeader, &[u8])],
     ) -> Result<Appended> {
-        let mut created = false;
         let mut active = if let Some(a) = w.active.take() {
             a
         } else {
-            created = true;
+            w.dir_dirty = true;
             self.create_segment(w.shard)?
         };
         let mut placed = Vec::with_capacity(recs.len());
         let mut updates = Vec::new();
-        let mut pos = active.len;
-        let mut buf_start = pos;
-        let mut buf: Vec<u8> = Vec::with_capacity(
-            WRITE_BUF.min(
-                recs.iter()
-                    .map(|(_, d)| d.len() + RECORD_HEADER_LEN as usize)
-                    .sum(),
-            ),
-        );
-        for (h, data) in recs {
+        // Records are written in runs straight from the callers' buffers (pwritev).
+        let mut run_start = 0;
+        let mut run_pos = active.end;
+        for (i, (_, data)) in recs.iter().enumerate() {
             let rec_len = RECORD_HEADER_LEN + data.len() as u64;
-            if pos > SEGMENT_HEADER_LEN && pos + rec_len > self.segment_size {
-                flush(&active, &mut buf, buf_start)?;
+            if active.end > SEGMENT_HEADER_LEN && active.end + rec_len > self.segment_size {
+                write_records(&active, run_pos, &recs[run_start..i])?;
                 active.file.sync_data().ctx("fsync", &active.path)?;
                 updates.push(SegmentUpdate {
                     id: active.id,
                     shard: w.shard,
-                    committed_len: pos,
+                    committed_len: active.end,
                     sealed: true,
                 });
                 active = self.create_segment(w.shard)?;
-                created = true;
-                pos = active.len;
-                buf_start = pos;
+                w.dir_dirty = true;
+                run_start = i;
+                run_pos = active.end;
             }
-            buf.extend_from_slice(&h.encode());
-            buf.extend_from_slice(data);
             placed.push(Placed {
                 segment: active.id,
-                offset: pos + RECORD_HEADER_LEN,
+                offset: active.end + RECORD_HEADER_LEN,
             });
-            pos += rec_len;
-            if buf.len() >= WRITE_BUF {
-                flush(&active, &mut buf, buf_start)?;
-                buf_start = pos;
-            }
+            active.end += rec_len;
         }
-        flush(&active, &mut buf, buf_start)?;
-        active.file.sync_data().ctx("fsync", &active.path)?;
-        if created {
-            sys::sync_dir(&self.shard_dir(w.shard))?;
-        }
-        updates.push(SegmentUpdate {
-            id: active.id,
-            shard: w.shard,
-            committed_len: pos,
-            sealed: pos >= self.segment_size,
-        });
+        let r = write_records(&active, run_pos, &recs[run_start..]);
         w.active = Some(active);
-        Ok(Appended { placed, updates })
+        r.map(|()| Appended { placed, updates })
+    }
+
+    /// The active segment's update and the fsync that must finish before the commit of
+    /// the current batch (`None` when the batch wrote nothing to an active segment).
+    pub fn finish_batch(&self, w: &mut ShardWriter) -> Result<Option<(SegmentUpdate, SyncJob)>> {
+        let dir = std::mem::take(&mut w.dir_dirty).then(|| self.shard_dir(w.shard));
+        let Some(a) = &w.active else {
+            return Ok(None);
+        };
+        if a.end == a.len && dir.is_none() {
+            return Ok(None);
+        }
+        let update = SegmentUpdate {
+            id: a.id,
+            shard: w.shard,
+            committed_len: a.end,
+            sealed: a.end >= self.segment_size,
+        };
+        let job = SyncJob {
+            file: a.file.try_clone().ctx("dup", &a.path)?,
+            path: a.path.clone(),
+            dir,
+        };
+        Ok(Some((update, job)))
     }
 
     /// After a successful commit: advances the writer and seals what the batch sealed.
@@ -439,13 +449,14 @@ impl Files {
             if u.sealed {
                 self.mark_sealed(u.id, u.committed_len);
             }
-        }
-        if let (Some(a), Some(last)) = (&mut w.active, updates.last())
-            && a.id == last.id
-        {
-            a.len = last.committed_len;
-            if last.sealed {
-                w.active = None;
+            if let Some(a) = &mut w.active
+                && a.id == u.id
+            {
+                a.len = u.committed_len;
+                a.end = u.committed_len;
+                if u.sealed {
+                    w.active = None;
+                }
             }
         }
     }
@@ -475,11 +486,7 @@ impl Files {
     pub fn install_large(&self, tmp: &Path, file: &File, d: &Digest) -> Result<u64> {
         file.sync_all().ctx("fsync", tmp)?;
         let dir = self.large_dir(d);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => sys::sync_dir(dir.parent().unwrap_or(&self.root))?,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io("create directory", &dir, e)),
-        }
+        sys::create_dir_durable(&dir)?;
         loop {
             let generation = self.next_gen.fetch_add(1, Ordering::Relaxed);
             let dst = self.large_path(d, generation);
@@ -495,13 +502,51 @@ impl Files {
     }
 }
 
-fn flush(active: &Active, buf: &mut Vec<u8>, at: u64) -> Result<()> {
-    if !buf.is_empty() {
-        active
-            .file
-            .write_all_at(buf, at)
-            .ctx("write", &active.path)?;
-        buf.clear();
+/// Writes records (header, payload) back to back at `at` with vectored writes, without
+/// copying the payloads.
+fn write_records(active: &Active, at: u64, recs: &[(RecordHeader, &[u8])]) -> Result<()> {
+    let mut off = at;
+    // IOV_MAX is 1024 on Linux: a header and a payload per record.
+    for group in recs.chunks(512) {
+        let headers: Vec<[u8; RECORD_HEADER_LEN as usize]> =
+            group.iter().map(|(h, _)| h.encode()).collect();
+        let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(2 * group.len());
+        for (h, (_, data)) in headers.iter().zip(group) {
+            slices.push(std::io::IoSlice::new(h));
+            if !data.is_empty() {
+                slices.push(std::io::IoSlice::new(data));
+            }
+        }
+        let mut rest: &mut [std::io::IoSlice<'_>] = &mut slices;
+        while !rest.is_empty() {
+            let n = rustix::io::pwritev(&active.file, rest, off)
+                .map_err(|e| Error::io("write", &active.path, e.into()))?;
+            if n == 0 {
+                let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                return Err(Error::io("write", &active.path, e));
+            }
+            off += n as u64;
+            std::io::IoSlice::advance_slices(&mut rest, n);
+        }
     }
     Ok(())
+}
+
+/// The data fsync of an append, run (possibly on another thread) before the commit.
+pub(crate) struct SyncJob {
+    file: File,
+    path: PathBuf,
+    /// The shard directory, when the append created a segment file in it.
+    dir: Option<PathBuf>,
+}
+
+impl SyncJob {
+    /// fsyncs the segment's data, then the directory entry of a new segment.
+    pub fn run(&self) -> Result<()> {
+        self.file.sync_data().ctx("fsync", &self.path)?;
+        if let Some(d) = &self.dir {
+            sys::sync_dir(d)?;
+        }
+        Ok(())
+    }
 }

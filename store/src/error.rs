@@ -80,9 +80,6 @@ pub enum Error {
     /// The metadata database failed.
     #[error("metadata database: {0}")]
     Db(Arc<redb::Error>),
-    /// A previous write to this segment failed to reach the disk; it takes no more writes.
-    #[error("segment {0} is poisoned by an earlier write failure")]
-    Poisoned(u64),
 }
 
 impl Error {

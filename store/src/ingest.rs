@@ -86,7 +86,8 @@ impl Store {
         for ent in std::fs::read_dir(&base).ctx("list", &base)? {
             let ent = ent.ctx("list", &base)?;
             let p = ent.path().join("state");
-            if let Ok(bytes) = std::fs::read(&p)
+            if ent.path().join("data").exists()
+                && let Ok(bytes) = std::fs::read(&p)
                 && let Ok(s) = serde_json::from_slice::<State>(&bytes)
             {
                 out.push((s.r#ref, s.offset));
@@ -121,7 +122,14 @@ impl Store {
         let algorithm = opts.expected.map_or(Algorithm::Sha256, |d| d.algorithm());
         let mut hasher = DualHasher::new(algorithm);
         let mut opts = opts;
-        let (file, written, fresh) = match std::fs::read(&state_path) {
+        // A state without data is what a crash leaves after a commit moved the data into
+        // the store and before it removed the directory: nothing to resume.
+        let state = if data_path.exists() {
+            std::fs::read(&state_path)
+        } else {
+            Err(std::io::ErrorKind::NotFound.into())
+        };
+        let (file, written, fresh) = match state {
             Ok(bytes) => {
                 let st: State = serde_json::from_slice(&bytes)
                     .map_err(|e| Error::Corrupt(format!("{}: {e}", state_path.display())))?;
@@ -171,7 +179,7 @@ impl Store {
                 (file, st.offset, false)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+                crate::sys::create_dir_durable(&dir)?;
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)

@@ -193,9 +193,39 @@ pub(crate) enum Op {
         blobs: Vec<NewBlob>,
         segments: Vec<SegmentUpdate>,
         touch: Vec<Digest>,
+        /// The data fsync of these blobs, still running: the commit waits for it (so the
+        /// index work overlaps the fsync) and drops this op if it failed.
+        durable: Option<Barrier>,
     },
     /// Mark segments sealed (after a write failure, or at open).
     Seal(Vec<u64>),
+}
+
+/// The result of a data fsync running on another thread.
+#[derive(Debug)]
+pub(crate) struct Barrier(std::sync::mpsc::Receiver<Result<()>>);
+
+impl Barrier {
+    /// A barrier and the sender that resolves it.
+    pub fn new() -> (std::sync::mpsc::Sender<Result<()>>, Barrier) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        (tx, Barrier(rx))
+    }
+
+    fn wait(&self) -> Result<()> {
+        self.0
+            .recv()
+            .unwrap_or_else(|_| Err(Error::Corrupt("data fsync thread vanished".into())))
+    }
+}
+
+impl Op {
+    fn barrier(&self) -> Option<&Barrier> {
+        match self {
+            Op::Put { durable, .. } => durable.as_ref(),
+            Op::Seal(_) => None,
+        }
+    }
 }
 
 /// What an [`Op`] did.
@@ -203,6 +233,9 @@ pub(crate) enum Op {
 pub(crate) struct Outcome {
     /// Indices into `Op::Put::blobs` whose digest was already stored; their bytes are dead.
     pub lost: Vec<usize>,
+    /// Digests in `Op::Put::touch` that are no longer stored (deleted after the caller's
+    /// existence check): the caller must store them after all.
+    pub missing: Vec<Digest>,
 }
 
 #[derive(Default)]
@@ -252,34 +285,40 @@ impl Meta {
     /// Creates the tables and settings of a new store, or checks an existing one's schema.
     /// Returns the shard count.
     pub fn init(&self, shards: u32) -> Result<u32> {
-        let txn = self.db.begin_write()?;
-        let count = {
-            let mut meta = txn.open_table(META)?;
-            let schema = meta.get(K_SCHEMA)?.map(|v| v.value());
-            match schema {
-                None => {
-                    meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
-                    meta.insert(K_SHARDS, u64::from(shards))?;
-                    shards
-                }
-                Some(SCHEMA_VERSION) => {
-                    let n = meta.get(K_SHARDS)?.map_or(0, |v| v.value());
-                    u32::try_from(n)
-                        .ok()
-                        .filter(|&n| n > 0)
-                        .ok_or_else(|| Error::Corrupt(format!("shard count {n}")))?
-                }
-                Some(v) => {
-                    return Err(Error::Corrupt(format!(
-                        "schema version {v}; this build reads {SCHEMA_VERSION}"
-                    )));
-                }
+        let existing = {
+            let txn = self.read()?;
+            match txn.open_table(META) {
+                Ok(meta) => Some((
+                    meta.get(K_SCHEMA)?.map(|v| v.value()),
+                    meta.get(K_SHARDS)?.map_or(0, |v| v.value()),
+                )),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
             }
         };
-        txn.open_table(BLOBS)?;
-        txn.open_table(SEGMENTS)?;
-        txn.commit()?;
-        Ok(count)
+        match existing {
+            Some((Some(SCHEMA_VERSION), n)) => u32::try_from(n)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| Error::Corrupt(format!("shard count {n}"))),
+            Some((Some(v), _)) => Err(Error::Corrupt(format!(
+                "schema version {v}; this build reads {SCHEMA_VERSION}"
+            ))),
+            // A new store (or one whose creating transaction never committed).
+            Some((None, _)) | None => {
+                let mut txn = self.db.begin_write()?;
+                txn.set_quick_repair(true);
+                {
+                    let mut meta = txn.open_table(META)?;
+                    meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
+                    meta.insert(K_SHARDS, u64::from(shards))?;
+                }
+                txn.open_table(BLOBS)?;
+                txn.open_table(SEGMENTS)?;
+                txn.commit()?;
+                Ok(shards)
+            }
+        }
     }
 
     /// A read snapshot.
@@ -374,18 +413,44 @@ impl Meta {
         }
     }
 
-    fn commit_batch(&self, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Outcome>)> {
-        let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
-        match self.try_commit(batch) {
-            Ok(outcomes) => tickets
-                .into_iter()
-                .zip(outcomes.into_iter().map(Ok))
-                .collect(),
-            Err(e) => tickets.into_iter().map(|t| (t, Err(e.clone()))).collect(),
+    fn commit_batch(&self, mut batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Outcome>)> {
+        let mut results = Vec::with_capacity(batch.len());
+        // Each barrier is waited for once; an op whose fsync failed is dropped from the
+        // batch with that error and the rest are applied again in a fresh transaction.
+        let mut resolved: HashMap<u64, Result<()>> = HashMap::new();
+        loop {
+            let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
+            match self.try_commit(&batch, &mut resolved) {
+                Ok(outcomes) => {
+                    results.extend(tickets.into_iter().zip(outcomes.into_iter().map(Ok)));
+                    return results;
+                }
+                Err(e) => {
+                    let failed: Vec<u64> = resolved
+                        .iter()
+                        .filter(|(_, r)| r.is_err())
+                        .map(|(t, _)| *t)
+                        .collect();
+                    if failed.is_empty() {
+                        results.extend(tickets.into_iter().map(|t| (t, Err(e.clone()))));
+                        return results;
+                    }
+                    for t in failed {
+                        if let Some(Err(fe)) = resolved.remove(&t) {
+                            results.push((t, Err(fe)));
+                        }
+                        batch.retain(|(bt, _)| *bt != t);
+                    }
+                }
+            }
         }
     }
 
-    fn try_commit(&self, batch: Vec<(u64, Op)>) -> Result<Vec<Outcome>> {
+    fn try_commit(
+        &self,
+        batch: &[(u64, Op)],
+        resolved: &mut HashMap<u64, Result<()>>,
+    ) -> Result<Vec<Outcome>> {
         let mut txn = self.db.begin_write()?;
         txn.set_quick_repair(true);
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -401,9 +466,10 @@ impl Meta {
                         blobs: new,
                         segments,
                         touch,
-                    } => apply_put(&mut blobs, &mut segs, &mut c, now, new, &segments, &touch)?,
+                        ..
+                    } => apply_put(&mut blobs, &mut segs, &mut c, now, new, segments, touch)?,
                     Op::Seal(ids) => {
-                        for id in ids {
+                        for &id in ids {
                             let row = segs.get(id)?.map(|v| SegmentRow::decode(v.value()));
                             if let Some(row) = row {
                                 let row = SegmentRow {
@@ -418,6 +484,15 @@ impl Meta {
                 });
             }
             write_counters(&mut meta, c)?;
+        }
+        // Nothing becomes visible before its bytes are durable.
+        for (t, op) in batch {
+            if let Some(b) = op.barrier() {
+                let r = resolved.entry(*t).or_insert_with(|| b.wait());
+                if let Err(e) = r {
+                    return Err(e.clone());
+                }
+            }
         }
         txn.commit()?;
         Ok(outcomes)
@@ -447,7 +522,7 @@ fn apply_put(
     segs: &mut redb::Table<u64, &[u8]>,
     c: &mut Counters,
     now: u64,
-    new: Vec<NewBlob>,
+    new: &[NewBlob],
     segments: &[SegmentUpdate],
     touch: &[Digest],
 ) -> Result<Outcome> {
@@ -471,10 +546,20 @@ fn apply_put(
         );
     }
     let mut outcome = Outcome::default();
-    for (i, b) in new.into_iter().enumerate() {
+    // Inserting in key order keeps the B-tree walk cache-friendly.
+    let mut order: Vec<usize> = (0..new.len()).collect();
+    order.sort_unstable_by_key(|&i| new[i].digest);
+    for i in order {
+        let b = &new[i];
         let key = b.digest.key();
-        let existing = blobs.get(&*key)?.map(|v| BlobEntry::decode(v.value()));
-        if let Some(old) = existing {
+        let entry = BlobEntry {
+            touched_ms: now,
+            ..b.entry
+        };
+        let old = blobs
+            .insert(&*key, &entry.encode()[..])?
+            .map(|v| BlobEntry::decode(v.value()));
+        if let Some(old) = old {
             // Lost a race with a concurrent put of the same bytes: keep the stored copy,
             // refresh it, and count our record as dead.
             let old = BlobEntry {
@@ -490,11 +575,6 @@ fn apply_put(
             outcome.lost.push(i);
             continue;
         }
-        let entry = BlobEntry {
-            touched_ms: now,
-            ..b.entry
-        };
-        blobs.insert(&*key, &entry.encode()[..])?;
         c.blobs += 1;
         c.bytes += entry.size;
         if matches!(entry.location, Location::Large { .. }) {
@@ -502,6 +582,7 @@ fn apply_put(
             c.large_bytes += entry.size;
         }
     }
+    outcome.lost.sort_unstable();
     for d in touch {
         let key = d.key();
         let existing = blobs.get(&*key)?.map(|v| BlobEntry::decode(v.value()));
@@ -511,6 +592,8 @@ fn apply_put(
                 ..old?
             };
             blobs.insert(&*key, &e.encode()[..])?;
+        } else {
+            outcome.missing.push(*d);
         }
     }
     for (id, row) in rows {
@@ -560,5 +643,29 @@ mod tests {
             dead_bytes: 12,
         };
         assert_eq!(SegmentRow::decode(&r.encode()).unwrap(), r);
+    }
+}
+
+#[cfg(test)]
+impl Meta {
+    /// Removes a blob's index entry, as a collector would (tests only; the collector with
+    /// its re-checks comes with the GC).
+    pub(crate) fn remove_for_test(&self, d: &Digest) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(BLOBS)?;
+            t.remove(&*d.key())?;
+            let mut meta = txn.open_table(META)?;
+            let c = read_counters(&meta)?;
+            write_counters(
+                &mut meta,
+                Counters {
+                    blobs: c.blobs - 1,
+                    ..c
+                },
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
     }
 }

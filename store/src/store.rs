@@ -18,7 +18,7 @@ use crate::blobs::{Active, Blob, Files, ShardWriter};
 use crate::digest::{Algorithm, Digest, DualHasher};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{Kind, RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN};
-use crate::meta::{BlobEntry, Counters, Location, Meta, NewBlob, Op};
+use crate::meta::{Barrier, BlobEntry, Counters, Location, Meta, NewBlob, Op, SegmentUpdate};
 use crate::sys;
 
 /// Choices for opening a store. Settings marked "init" only apply when the store is
@@ -205,7 +205,26 @@ pub(crate) struct Hashed<'a> {
     pub kind: Kind,
 }
 
+/// `put_many` hashes and writes in waves of about this many bytes.
+const WAVE_BYTES: u64 = 2 << 20;
+
 impl Hashed<'_> {
+    fn clone_ref(&self) -> Hashed<'_> {
+        Hashed {
+            data: self.data,
+            digest: self.digest,
+            blake3: self.blake3,
+            kind: self.kind,
+        }
+    }
+
+    fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            digest: self.digest,
+            size: self.data.len() as u64,
+        }
+    }
+
     fn header(&self) -> RecordHeader {
         RecordHeader {
             digest: self.digest,
@@ -239,7 +258,7 @@ impl Store {
         if !meta_path.exists() && !opts.create {
             return Err(Error::NoStore { path: root });
         }
-        std::fs::create_dir_all(&root).ctx("create directory", &root)?;
+        sys::create_dir_durable(&root)?;
         sys::refuse_network_fs(&root)?;
         let lock_path = root.join("lock");
         let lock = OpenOptions::new()
@@ -255,7 +274,7 @@ impl Store {
         let meta = Meta::open(&meta_path, &root)?;
         let shard_count = meta.init(opts.shards)?;
         for dir in ["packs", "large", "ingest", "quarantine"] {
-            std::fs::create_dir_all(root.join(dir)).ctx("create directory", &root.join(dir))?;
+            sys::create_dir_durable(&root.join(dir))?;
         }
         let tmp = root.join("ingest").join("tmp");
         if tmp.exists() {
@@ -264,12 +283,11 @@ impl Store {
         std::fs::create_dir_all(&tmp).ctx("create directory", &tmp)?;
 
         let rows = meta.segments()?;
-        let max_id = rows.iter().map(|(id, _)| *id).max();
-        let mut files = Files::new(&root, opts.segment_size, 0);
-        let mut next_segment = max_id.map_or(1, |m| m + 1);
+        let known: HashSet<u64> = rows.iter().map(|(id, _)| *id).collect();
+        let mut next_segment = known.iter().max().map_or(1, |m| m + 1);
         for shard in 0..shard_count {
-            let dir = files.shard_dir(shard);
-            std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+            let dir = crate::blobs::shard_dir(&root, shard);
+            sys::create_dir_durable(&dir)?;
             // Segment files no committed transaction names hold only uncommitted bytes.
             let mut removed = false;
             for ent in std::fs::read_dir(&dir).ctx("list", &dir)? {
@@ -282,7 +300,7 @@ impl Store {
                     .and_then(|n| u64::from_str_radix(n, 16).ok());
                 if let Some(id) = id {
                     next_segment = next_segment.max(id + 1);
-                    if !rows.iter().any(|(r, _)| *r == id) {
+                    if !known.contains(&id) {
                         std::fs::remove_file(ent.path()).ctx("remove", &ent.path())?;
                         removed = true;
                     }
@@ -292,12 +310,13 @@ impl Store {
                 sys::sync_dir(&dir)?;
             }
         }
-        files = Files::new(&root, opts.segment_size, next_segment);
+        let files = Files::new(&root, opts.segment_size, next_segment);
 
         let mut writers: Vec<ShardWriter> = (0..shard_count)
             .map(|shard| ShardWriter {
                 shard,
                 active: None,
+                dir_dirty: false,
             })
             .collect();
         let mut to_seal = Vec::new();
@@ -375,29 +394,39 @@ impl Store {
         B: AsRef<[u8]> + Sync,
     {
         let blobs: Vec<B> = blobs.into_iter().collect();
-        let items: Vec<Hashed<'_>> = blobs
-            .par_iter()
-            .map(|b| {
-                let data = b.as_ref();
-                let mut h = DualHasher::new(Algorithm::Sha256);
-                h.update(data);
-                let (digest, blake3) = h.finish();
-                Hashed {
-                    data,
-                    digest,
-                    blake3,
-                    kind: Kind::Other,
-                }
-            })
-            .collect();
-        self.inner.store_hashed(&items)?;
-        Ok(items
-            .iter()
-            .map(|i| Descriptor {
-                digest: i.digest,
-                size: i.data.len() as u64,
-            })
-            .collect())
+        // Waves of about WAVE_BYTES: hashing wave k+1 overlaps writing wave k.
+        let mut waves = Vec::new();
+        let (mut start, mut bytes) = (0, 0u64);
+        for (i, b) in blobs.iter().enumerate() {
+            bytes += b.as_ref().len() as u64 + RECORD_HEADER_LEN;
+            if bytes >= WAVE_BYTES {
+                waves.push(&blobs[start..=i]);
+                (start, bytes) = (i + 1, 0);
+            }
+        }
+        if start < blobs.len() {
+            waves.push(&blobs[start..]);
+        }
+        let mut all: Vec<Hashed<'_>> = Vec::with_capacity(blobs.len());
+        let mut batch = Batch::new(&self.inner);
+        let mut current = waves.first().map(|w| hash_wave(w)).unwrap_or_default();
+        for next in waves.iter().skip(1) {
+            // The batch holds the shard's lock guard, which stays on this thread; the next
+            // wave is hashed on the pool meanwhile.
+            let mut hashed = Vec::new();
+            let written = rayon::in_place_scope(|s| {
+                s.spawn(|_| hashed = hash_wave(next));
+                batch.add(&current)
+            });
+            written?;
+            all.append(&mut current);
+            current = hashed;
+        }
+        batch.add(&current)?;
+        all.append(&mut current);
+        let missing = batch.commit()?;
+        self.inner.store_missing(&all, missing)?;
+        Ok(all.iter().map(Hashed::descriptor).collect())
     }
 
     /// A read snapshot: many lookups against one consistent view of the index.
@@ -448,6 +477,7 @@ impl Store {
             blobs: Vec::new(),
             segments: Vec::new(),
             touch: vec![*d],
+            durable: None,
         })?;
         self.contains(d)
     }
@@ -493,6 +523,24 @@ impl Store {
     }
 }
 
+/// Hashes blobs in parallel (sha256 + blake3 each).
+fn hash_wave<B: AsRef<[u8]> + Sync>(wave: &[B]) -> Vec<Hashed<'_>> {
+    wave.par_iter()
+        .map(|b| {
+            let data = b.as_ref();
+            let mut h = DualHasher::new(Algorithm::Sha256);
+            h.update(data);
+            let (digest, blake3) = h.finish();
+            Hashed {
+                data,
+                digest,
+                blake3,
+                kind: Kind::Other,
+            }
+        })
+        .collect()
+}
+
 pub(crate) fn check_expected(opts: &PutOptions, actual: Digest, size: u64) -> Result<()> {
     if let Some(expected) = opts.expected_size
         && expected != size
@@ -525,22 +573,109 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Stores hashed blobs: skips those already stored (refreshing them), writes the
-    /// rest (small ones appended to one shard, large ones as files, in parallel), and
-    /// commits everything in one transaction.
+    /// Stores hashed blobs in one batch (see [`Batch`]).
     pub fn store_hashed(&self, items: &[Hashed<'_>]) -> Result<()> {
-        let mut seen = HashSet::with_capacity(items.len());
+        let mut batch = Batch::new(self);
+        batch.add(items)?;
+        let missing = batch.commit()?;
+        self.store_missing(items, missing)
+    }
+
+    /// Stores again the blobs a batch found present at its existence check but gone by
+    /// its commit (a collector deleted them in between), until none is missing.
+    fn store_missing(&self, items: &[Hashed<'_>], mut missing: Vec<Digest>) -> Result<()> {
+        for _ in 0..8 {
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let want: HashSet<Digest> = missing.drain(..).collect();
+            let again: Vec<Hashed<'_>> = items
+                .iter()
+                .filter(|it| want.contains(&it.digest))
+                .map(Hashed::clone_ref)
+                .collect();
+            let mut batch = Batch::new(self);
+            batch.add(&again)?;
+            missing = batch.commit()?;
+        }
+        Err(Error::Corrupt(
+            "blobs kept disappearing between existence check and commit".into(),
+        ))
+    }
+
+    /// Commits a large blob whose record file is already installed under `generation`.
+    /// Returns whether it was new (false: the digest was stored meanwhile; the file was
+    /// removed).
+    pub fn commit_large(&self, it: &Hashed<'_>, size: u64, generation: u64) -> Result<bool> {
+        let mut nb = new_blob(it, Location::Large { generation });
+        nb.entry.size = size;
+        nb.entry.stored_len = size;
+        let path = self.files.large_path(&it.digest, generation);
+        match self.meta.submit(Op::Put {
+            blobs: vec![nb],
+            segments: Vec::new(),
+            touch: Vec::new(),
+            durable: None,
+        }) {
+            Ok(o) if o.lost.is_empty() => Ok(true),
+            Ok(_) => {
+                let _ = std::fs::remove_file(path);
+                Ok(false)
+            }
+            // The commit may have reached the disk: leave the file (an orphan at worst).
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// One write batch: blobs added in one or more steps (so hashing the next step can overlap
+/// writing this one), made durable and visible by one commit. Small blobs go to one shard
+/// whose append lock the batch holds until it commits; large ones get files of their own.
+/// A batch dropped without a successful commit removes its large files and leaves its
+/// appended records uncommitted (the next append overwrites them).
+pub(crate) struct Batch<'a> {
+    inner: &'a Inner,
+    shard: Option<MutexGuard<'a, ShardWriter>>,
+    seen: HashSet<Digest>,
+    new: Vec<NewBlob>,
+    segments: Vec<SegmentUpdate>,
+    touch: Vec<Digest>,
+    /// Installed large files (digest, generation), removed unless committed.
+    large: Vec<(Digest, u64)>,
+    /// Records were appended to the shard's active segment.
+    appended: bool,
+    committed: bool,
+}
+
+impl<'a> Batch<'a> {
+    pub fn new(inner: &'a Inner) -> Batch<'a> {
+        Batch {
+            inner,
+            shard: None,
+            seen: HashSet::new(),
+            new: Vec::new(),
+            segments: Vec::new(),
+            touch: Vec::new(),
+            large: Vec::new(),
+            appended: false,
+            committed: false,
+        }
+    }
+
+    /// Writes the blobs not yet stored (small ones appended to the batch's shard, large
+    /// ones as files, in parallel); blobs already stored are only refreshed at commit.
+    pub fn add(&mut self, items: &[Hashed<'_>]) -> Result<()> {
+        let inner = self.inner;
         let mut fresh: Vec<&Hashed<'_>> = Vec::with_capacity(items.len());
-        let mut touch = Vec::new();
         {
-            let txn = self.meta.read()?;
+            let txn = inner.meta.read()?;
             let table = txn.open_table(crate::meta::BLOBS)?;
             for it in items {
-                if !seen.insert(it.digest) {
+                if !self.seen.insert(it.digest) {
                     continue;
                 }
                 if redb::ReadableTable::get(&table, &*it.digest.key())?.is_some() {
-                    touch.push(it.digest);
+                    self.touch.push(it.digest);
                 } else {
                     fresh.push(it);
                 }
@@ -548,118 +683,123 @@ impl Inner {
         }
         let (large, small): (Vec<&Hashed<'_>>, Vec<&Hashed<'_>>) = fresh
             .into_iter()
-            .partition(|it| it.data.len() as u64 >= self.opts.large_threshold);
-
-        let mut shard = if small.is_empty() {
-            None
-        } else {
-            Some(self.take_shard())
-        };
-        let writer: Option<&mut ShardWriter> = shard.as_deref_mut();
+            .partition(|it| it.data.len() as u64 >= inner.opts.large_threshold);
+        if !small.is_empty() && self.shard.is_none() {
+            self.shard = Some(inner.take_shard());
+        }
+        let writer: Option<&mut ShardWriter> = self.shard.as_deref_mut();
         let (large_res, small_res) = rayon::join(
             || {
                 large
                     .par_iter()
-                    .map(|it| self.files.write_large(&it.header(), it.data))
-                    .collect::<Result<Vec<u64>>>()
+                    .map(|it| inner.files.write_large(&it.header(), it.data))
+                    .collect::<Vec<Result<u64>>>()
             },
             || match writer {
-                Some(w) => {
+                Some(w) if !small.is_empty() => {
+                    self.appended = true;
                     let recs: Vec<_> = small.iter().map(|it| (it.header(), it.data)).collect();
-                    self.files.append(w, &recs).map(Some)
+                    inner.files.append(w, &recs).map(Some)
                 }
-                None => Ok(None),
+                _ => Ok(None),
             },
         );
-        let (gens, appended) = match (large_res, small_res) {
-            (Ok(g), Ok(a)) => (g, a),
-            (l, s) => {
-                // Nothing was committed; installed large files are orphans to remove.
-                if let Ok(gens) = &l {
-                    for (it, g) in large.iter().zip(gens) {
-                        let _ = std::fs::remove_file(self.files.large_path(&it.digest, *g));
-                    }
+        let mut first_err = None;
+        for (it, r) in large.iter().zip(large_res) {
+            match r {
+                Ok(g) => {
+                    self.large.push((it.digest, g));
+                    self.new
+                        .push(new_blob(it, Location::Large { generation: g }));
                 }
-                return Err(l.err().or(s.err()).expect("one side failed"));
+                Err(e) => first_err = first_err.or(Some(e)),
             }
-        };
-
-        let mut new = Vec::with_capacity(small.len() + large.len());
-        let mut segments = Vec::new();
-        if let Some(a) = &appended {
-            for (it, p) in small.iter().zip(&a.placed) {
-                new.push(new_blob(
-                    it,
-                    Location::Packed {
+        }
+        match small_res {
+            Ok(Some(a)) => {
+                for (it, p) in small.iter().zip(&a.placed) {
+                    let location = Location::Packed {
                         segment: p.segment,
                         offset: p.offset,
-                    },
-                ));
-            }
-            segments.clone_from(&a.updates);
-        }
-        for (it, g) in large.iter().zip(&gens) {
-            new.push(new_blob(it, Location::Large { generation: *g }));
-        }
-        match self.meta.submit(Op::Put {
-            blobs: new,
-            segments,
-            touch,
-        }) {
-            Ok(outcome) => {
-                if let (Some(w), Some(a)) = (shard.as_deref_mut(), &appended) {
-                    self.files.committed(w, &a.updates);
+                    };
+                    self.new.push(new_blob(it, location));
                 }
-                // Large copies that lost a race with a concurrent put of the same digest.
-                for i in outcome.lost {
-                    if let Some(k) = i.checked_sub(small.len()) {
-                        let _ =
-                            std::fs::remove_file(self.files.large_path(&large[k].digest, gens[k]));
-                    }
-                }
-                Ok(())
+                self.segments.extend(a.updates);
             }
-            Err(e) => {
-                for (it, g) in large.iter().zip(&gens) {
-                    let _ = std::fs::remove_file(self.files.large_path(&it.digest, *g));
-                }
-                Err(e)
-            }
+            Ok(None) => {}
+            Err(e) => first_err = first_err.or(Some(e)),
         }
+        first_err.map_or(Ok(()), Err)
     }
 
-    /// Commits a large blob whose record file is already installed under `generation`.
-    /// Returns whether it was new (false: the digest was stored meanwhile; the file was
-    /// removed).
-    pub fn commit_large(&self, it: &Hashed<'_>, size: u64, generation: u64) -> Result<bool> {
-        let nb = NewBlob {
-            digest: it.digest,
-            entry: BlobEntry {
-                size,
-                stored_len: size,
-                kind: it.kind,
-                flags: 0,
-                location: Location::Large { generation },
-                blake3: it.blake3,
-                touched_ms: 0,
-            },
-            record_len: 0,
+    /// fsyncs the shard's active segment on another thread while the commit queue does
+    /// the index work, and commits once the fsync is done. Returns the digests that were
+    /// present at [`Batch::add`] but gone at the commit (see `Inner::store_missing`).
+    ///
+    /// Once the commit is attempted, large files are no longer removed on failure: a
+    /// failed commit may still have reached the disk, and an unindexed file is only an
+    /// orphan for the collector, while a removed indexed one would be lost.
+    pub fn commit(mut self) -> Result<Vec<Digest>> {
+        let inner = self.inner;
+        let finish = match self.shard.as_deref_mut() {
+            Some(w) => inner.files.finish_batch(w)?,
+            None => None,
         };
-        let path = self.files.large_path(&it.digest, generation);
-        match self.meta.submit(Op::Put {
-            blobs: vec![nb],
-            segments: Vec::new(),
-            touch: Vec::new(),
-        }) {
-            Ok(o) if o.lost.is_empty() => Ok(true),
-            Ok(_) => {
-                let _ = std::fs::remove_file(path);
-                Ok(false)
+        let (job, segments) = match finish {
+            Some((update, job)) => {
+                let mut segs = std::mem::take(&mut self.segments);
+                segs.push(update);
+                (Some(job), segs)
             }
-            Err(e) => {
-                let _ = std::fs::remove_file(path);
-                Err(e)
+            None => (None, std::mem::take(&mut self.segments)),
+        };
+        let blobs = std::mem::take(&mut self.new);
+        let locations: Vec<(Digest, Location)> =
+            blobs.iter().map(|b| (b.digest, b.entry.location)).collect();
+        self.large.clear();
+        let committed = std::thread::scope(|s| {
+            let durable = job.as_ref().map(|job| {
+                let (tx, barrier) = Barrier::new();
+                s.spawn(move || {
+                    let _ = tx.send(job.run());
+                });
+                barrier
+            });
+            inner.meta.submit(Op::Put {
+                blobs,
+                segments: segments.clone(),
+                touch: std::mem::take(&mut self.touch),
+                durable,
+            })
+        })?;
+        if let Some(w) = self.shard.as_deref_mut() {
+            inner.files.committed(w, &segments);
+        }
+        self.committed = true;
+        // Large copies that lost a race with a concurrent put of the same digest are dead.
+        for i in committed.lost {
+            if let Some((d, Location::Large { generation })) = locations.get(i) {
+                let _ = std::fs::remove_file(inner.files.large_path(d, *generation));
             }
+        }
+        Ok(committed.missing)
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        // Not committed: installed large files are orphans, and the shard's active segment
+        // may hold a failed write or an fsync error: it takes no more appends.
+        for (d, g) in self.large.drain(..) {
+            let _ = std::fs::remove_file(self.inner.files.large_path(&d, g));
+        }
+        if self.appended
+            && let Some(w) = self.shard.as_deref_mut()
+        {
+            w.active = None;
         }
     }
 }
@@ -741,5 +881,55 @@ impl Iterator for BlobIter<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashed(data: &[u8]) -> Hashed<'_> {
+        let mut h = DualHasher::new(Algorithm::Sha256);
+        h.update(data);
+        let (digest, blake3) = h.finish();
+        Hashed {
+            data,
+            digest,
+            blake3,
+            kind: Kind::Other,
+        }
+    }
+
+    /// A blob that a batch saw as stored (so it skipped writing it) but that a collector
+    /// deleted before the batch committed is written after all.
+    #[test]
+    fn blob_deleted_between_check_and_commit_is_stored_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let data = b"deleted under our feet".to_vec();
+        let d = store.put(&data).unwrap().digest;
+        let items = [hashed(&data)];
+
+        let mut batch = Batch::new(&store.inner);
+        batch.add(&items).unwrap();
+        store.inner.meta.remove_for_test(&d).unwrap();
+        assert!(!store.contains(&d).unwrap());
+        let missing = batch.commit().unwrap();
+        assert_eq!(missing, vec![d]);
+
+        store.inner.store_missing(&items, missing).unwrap();
+        assert_eq!(&*store.get(&d).unwrap(), &data[..]);
+        assert_eq!(store.info().unwrap().blobs, 1);
+    }
+
+    /// `ensure` answers from a write transaction: after a delete it says absent.
+    #[test]
+    fn ensure_reports_absent_after_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let d = store.put(b"x").unwrap().digest;
+        assert!(store.ensure(&d).unwrap());
+        store.inner.meta.remove_for_test(&d).unwrap();
+        assert!(!store.ensure(&d).unwrap());
     }
 }

@@ -18,6 +18,25 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     f.sync_all().ctx("fsync directory", dir)
 }
 
+/// Creates `dir` (and missing parents) and fsyncs the parent of each directory it created,
+/// so the new entries survive a crash. Returns whether anything was created.
+pub fn create_dir_durable(dir: &Path) -> Result<bool> {
+    if dir.is_dir() {
+        return Ok(false);
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durable(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(Error::io("create directory", dir, e)),
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    sync_dir(parent.unwrap_or(Path::new(".")))?;
+    Ok(true)
+}
+
 /// Renames `from` to `to`, failing with `AlreadyExists` instead of replacing `to`.
 pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE).map_err(Into::into)
