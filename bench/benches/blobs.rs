@@ -41,6 +41,7 @@ fn bench_dir() -> tempfile::TempDir {
 
 fn put_many_4k(c: &mut Criterion) {
     const N: usize = 100_000;
+    const M: usize = 2_000;
     let mut g = c.benchmark_group("put_many_4k");
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(20));
@@ -62,7 +63,6 @@ fn put_many_4k(c: &mut Criterion) {
         });
     });
     // Baseline: one file per blob, made durable the usual way.
-    const M: usize = 2_000;
     g.throughput(Throughput::Elements(M as u64));
     g.bench_function("file_per_blob_fsync_rename_2k", |b| {
         b.iter_custom(|iters| {
@@ -89,7 +89,11 @@ fn put_many_4k(c: &mut Criterion) {
 }
 
 fn hex_of(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    use std::fmt::Write as _;
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
 }
 
 fn put_256m(c: &mut Criterion) {

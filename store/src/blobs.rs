@@ -94,6 +94,19 @@ impl std::fmt::Debug for Blob {
     }
 }
 
+/// A segment file the index names but the disk lacks is corruption, not an I/O hiccup.
+fn missing_is_corrupt(e: std::io::Error, path: &Path) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::Corrupt(format!("segment file {} is missing", path.display()))
+    } else {
+        Error::io("open segment", path, e)
+    }
+}
+
+fn open_segment(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| missing_is_corrupt(e, path))
+}
+
 /// The read side of one segment: lazily opened, mapped once sealed.
 struct SegView {
     path: PathBuf,
@@ -120,7 +133,7 @@ impl SegView {
         if let Some(f) = self.file.get() {
             return Ok(f);
         }
-        let f = File::open(&self.path).ctx("open segment", &self.path)?;
+        let f = open_segment(&self.path)?;
         Ok(self.file.get_or_init(|| f))
     }
 
@@ -132,7 +145,7 @@ impl SegView {
             let map = if let Some(m) = self.map.get() {
                 m.clone()
             } else {
-                let f = File::open(&self.path).ctx("open segment", &self.path)?;
+                let f = open_segment(&self.path)?;
                 let m = Arc::new(Map::new(&f, &self.path, sealed_len)?);
                 self.map.get_or_init(|| m).clone()
             };
@@ -176,7 +189,7 @@ impl Active {
             .read(true)
             .write(true)
             .open(&path)
-            .ctx("open segment", &path)?;
+            .map_err(|e| missing_is_corrupt(e, &path))?;
         let actual = file.metadata().ctx("stat", &path)?.len();
         if actual < committed_len {
             return Err(Error::Corrupt(format!(
@@ -484,21 +497,47 @@ impl Files {
     /// fsyncs `file` (at `tmp`, already holding header and payload) and renames it into
     /// `large/` under a fresh generation, then fsyncs the directory.
     pub fn install_large(&self, tmp: &Path, file: &File, d: &Digest) -> Result<u64> {
-        file.sync_all().ctx("fsync", tmp)?;
-        let dir = self.large_dir(d);
-        sys::create_dir_durable(&dir)?;
-        loop {
-            let generation = self.next_gen.fetch_add(1, Ordering::Relaxed);
-            let dst = self.large_path(d, generation);
-            match sys::rename_noreplace(tmp, &dst) {
-                Ok(()) => {
-                    sys::sync_dir(&dir)?;
-                    return Ok(generation);
+        Ok(self.install_many(&[(tmp, file, *d)])?[0])
+    }
+
+    /// [`Files::install_large`] for many files: each is fsynced and renamed, then each
+    /// directory that received one is fsynced once. On error, files already renamed are
+    /// removed again (nothing indexes them yet).
+    pub fn install_many(&self, items: &[(&Path, &File, Digest)]) -> Result<Vec<u64>> {
+        let mut done: Vec<PathBuf> = Vec::with_capacity(items.len());
+        let r = (|| {
+            let mut gens = Vec::with_capacity(items.len());
+            let mut dirs = std::collections::BTreeSet::new();
+            for (tmp, file, d) in items {
+                file.sync_all().ctx("fsync", tmp)?;
+                let dir = self.large_dir(d);
+                sys::create_dir_durable(&dir)?;
+                loop {
+                    let generation = self.next_gen.fetch_add(1, Ordering::Relaxed);
+                    let dst = self.large_path(d, generation);
+                    match sys::rename_noreplace(tmp, &dst) {
+                        Ok(()) => {
+                            done.push(dst);
+                            gens.push(generation);
+                            break;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(Error::io("rename", &dst, e)),
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(Error::io("rename", &dst, e)),
+                dirs.insert(dir);
+            }
+            for dir in &dirs {
+                sys::sync_dir(dir)?;
+            }
+            Ok(gens)
+        })();
+        if r.is_err() {
+            for p in done {
+                let _ = std::fs::remove_file(p);
             }
         }
+        r
     }
 }
 

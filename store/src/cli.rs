@@ -6,6 +6,7 @@
 //! public library call; it must never reach into store internals. The JSON shapes printed
 //! here are a stable interface documented in `docs/CLI.md`.
 
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,131 @@ pub enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Import an OCI layout directory, an OCI archive or a `docker save` archive (`-`:
+    /// a tar on standard input). Atomic: a bad archive commits nothing.
+    Import {
+        /// The directory or tar file, or `-`.
+        path: PathBuf,
+        /// Name the imported image (the archive must hold exactly one).
+        #[arg(long = "tag", value_name = "REF")]
+        tags: Vec<String>,
+        /// Repository for images the archive names only by a bare tag (`latest`).
+        #[arg(long, value_name = "REPO")]
+        base_name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export images as an OCI archive, a `docker save` archive, or an OCI layout directory.
+    Export {
+        /// Images to export (names or digests).
+        #[arg(required = true, value_name = "REF")]
+        refs: Vec<String>,
+        /// Output file (`-` for standard output), or directory with `--format oci-dir`.
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+        /// Archive format.
+        #[arg(long, value_enum, default_value = "oci")]
+        format: crate::archive::ExportFormat,
+    },
+    /// List named images.
+    Images {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image's manifest, config, layers, or an index's platforms.
+    Inspect {
+        /// A name or digest.
+        reference: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give an image another name.
+    Tag {
+        /// An existing name or digest.
+        source: String,
+        /// The new name.
+        target: String,
+    },
+    /// Remove names. Refused for the last name of an image a container uses, unless forced.
+    Rmi {
+        /// Names (or digests: removes every name of that image).
+        #[arg(required = true, value_name = "REF")]
+        refs: Vec<String>,
+        /// Remove the name even if a container uses the image (the container keeps it).
+        #[arg(long, short)]
+        force: bool,
+    },
+    /// Containers: how a runtime tells the store that an image is in use.
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// Leases: protect content for a while (e.g. during a multi-step push).
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Disk usage by image, layer and container.
+    Df {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `store container ...`
+#[derive(Debug, Subcommand)]
+pub enum ContainerCommand {
+    /// Record a container using an image; prints its id.
+    Create {
+        /// The image (name or digest).
+        #[arg(long)]
+        image: String,
+        /// A unique name (default: the first 12 digits of the id).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove a container (by id, unique id prefix, or name).
+    Rm {
+        /// Id, id prefix or name.
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// List containers.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `store lease ...`
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Create a lease; prints its id.
+    Create {
+        /// Expire after this long (`30s`, `10m`, `2h`, `1d`); default never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expire: Option<std::time::Duration>,
+    },
+    /// List leases.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a lease.
+    Rm {
+        /// Lease id.
+        id: String,
+    },
+    /// Add blobs to a lease.
+    Add {
+        /// Lease id.
+        id: String,
+        /// Digests.
+        #[arg(required = true)]
+        digests: Vec<String>,
     },
 }
 
@@ -113,6 +239,13 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
         Command::Init { shards } => {
             let s = Store::open(&root, Options::default().shards(*shards))?;
             let info = s.info()?;
+            if info.shards != *shards {
+                return Err(Error::Invalid(format!(
+                    "the store at {} already exists with {} shards (fixed at creation)",
+                    root.display(),
+                    info.shards
+                )));
+            }
             writeln!(
                 out,
                 "initialized store at {} ({} shards)",
@@ -191,6 +324,102 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                 .map_err(stdout_err)?;
             }
         }
+        Command::Import {
+            path,
+            tags,
+            base_name,
+            json,
+        } => {
+            let store = Store::open(&root, Options::default())?;
+            let mut opts = crate::archive::ImportOptions::default();
+            opts.tags.clone_from(tags);
+            opts.base_name.clone_from(base_name);
+            let outcome = if path.as_os_str() == "-" {
+                store.import_tar(std::io::stdin().lock(), &opts)?
+            } else {
+                store.import_path(path, &opts)?
+            };
+            if *json {
+                write_json(out, &outcome)?;
+            } else {
+                for img in &outcome.images {
+                    for n in &img.names {
+                        writeln!(out, "imported {n} {}", img.digest).map_err(stdout_err)?;
+                    }
+                }
+            }
+        }
+        Command::Export {
+            refs,
+            output,
+            format,
+        } => {
+            let store = open_existing()?;
+            if *format == crate::archive::ExportFormat::OciDir {
+                store.export_dir(refs, output)?;
+            } else if output.as_os_str() == "-" {
+                store.export(refs, *format, &mut *out)?;
+            } else {
+                let dir = output.parent().filter(|p| !p.as_os_str().is_empty());
+                let dir = dir.unwrap_or(Path::new("."));
+                let mut tmp = tempfile::NamedTempFile::new_in(dir).ctx("create", dir)?;
+                store.export(refs, *format, std::io::BufWriter::new(tmp.as_file_mut()))?;
+                tmp.as_file().sync_all().ctx("fsync", tmp.path())?;
+                tmp.persist(output)
+                    .map_err(|e| Error::io("rename", output, e.error))?;
+            }
+        }
+        Command::Images { json } => {
+            let images = open_existing()?.images()?;
+            if *json {
+                write_json(out, &images)?;
+            } else {
+                let mut t = Table::new(&["NAME", "DIGEST", "SIZE", "CREATED", "CONTAINERS"]);
+                for i in &images {
+                    t.row(vec![
+                        i.name.clone(),
+                        short(&i.digest),
+                        human_bytes(i.size),
+                        i.created.clone().unwrap_or_default(),
+                        i.containers.len().to_string(),
+                    ]);
+                }
+                t.print(out)?;
+            }
+        }
+        Command::Inspect { reference, json } => {
+            let d = open_existing()?.inspect(reference)?;
+            if *json {
+                write_json(out, &d)?;
+            } else {
+                print_details(out, &d).map_err(stdout_err)?;
+            }
+        }
+        Command::Tag { source, target } => {
+            let store = open_existing()?;
+            let d = store.resolve(source)?;
+            let r = store.tag(target, &d)?;
+            writeln!(out, "{} -> {d}", r.familiar()).map_err(stdout_err)?;
+        }
+        Command::Rmi { refs, force } => {
+            let store = open_existing()?;
+            for r in refs {
+                for (name, _) in store.remove_image(r, *force)? {
+                    let n = crate::Reference::parse(&name).map_or(name, |r| r.familiar());
+                    writeln!(out, "Untagged: {n}").map_err(stdout_err)?;
+                }
+            }
+        }
+        Command::Container(c) => container_cmd(&root, c, out)?,
+        Command::Lease(c) => lease_cmd(&root, c, out)?,
+        Command::Df { json } => {
+            let u = open_existing()?.disk_usage()?;
+            if *json {
+                write_json(out, &u)?;
+            } else {
+                print_df(out, &u)?;
+            }
+        }
         Command::Blob(BlobCommand::Ls { json }) => {
             let store = open_existing()?;
             if *json {
@@ -215,6 +444,237 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
         }
     }
     out.flush().map_err(stdout_err)
+}
+
+fn container_cmd(root: &Path, c: &ContainerCommand, out: &mut dyn Write) -> Result<()> {
+    match c {
+        ContainerCommand::Create { image, name } => {
+            let store = Store::open(root, Options::default().create(false))?;
+            let rec = store.container_create(image, name.as_deref())?;
+            writeln!(out, "{}", rec.id).map_err(stdout_err)
+        }
+        ContainerCommand::Rm { containers } => {
+            let store = Store::open(root, Options::default().create(false))?;
+            for c in containers {
+                let rec = store.container_remove(c)?;
+                writeln!(out, "{}", rec.id).map_err(stdout_err)?;
+            }
+            Ok(())
+        }
+        ContainerCommand::Ls { json } => {
+            let list = Store::open(root, Options::default().create(false))?.containers()?;
+            if *json {
+                return write_json(out, &list);
+            }
+            let mut t = Table::new(&["CONTAINER ID", "IMAGE", "NAME", "CREATED"]);
+            for c in &list {
+                t.row(vec![
+                    c.id[..12].to_owned(),
+                    c.image_ref.clone(),
+                    c.name.clone(),
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.created_ms),
+                    )
+                    .to_string(),
+                ]);
+            }
+            t.print(out)
+        }
+    }
+}
+
+fn lease_cmd(root: &Path, c: &LeaseCommand, out: &mut dyn Write) -> Result<()> {
+    match c {
+        LeaseCommand::Create { expire } => {
+            let store = Store::open(root, Options::default())?;
+            let rec = store.lease_create(*expire)?;
+            writeln!(out, "{}", rec.id).map_err(stdout_err)
+        }
+        LeaseCommand::Rm { id } => {
+            Store::open(root, Options::default().create(false))?.lease_remove(id)
+        }
+        LeaseCommand::Add { id, digests } => {
+            let ds = digests
+                .iter()
+                .map(|d| Digest::parse(d))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Store::open(root, Options::default().create(false))?.lease_add(id, &ds)
+        }
+        LeaseCommand::Ls { json } => {
+            let list = Store::open(root, Options::default().create(false))?.leases()?;
+            if *json {
+                return write_json(out, &list);
+            }
+            let mut t = Table::new(&["LEASE ID", "EXPIRES", "RESOURCES"]);
+            for l in &list {
+                let exp = l.record.expires_ms.map_or_else(
+                    || "never".to_owned(),
+                    |ms| {
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                        )
+                        .to_string()
+                    },
+                );
+                t.row(vec![
+                    l.record.id.clone(),
+                    exp,
+                    l.resources.len().to_string(),
+                ]);
+            }
+            t.print(out)
+        }
+    }
+}
+
+fn print_details(out: &mut dyn Write, d: &crate::catalog::ImageDetails) -> std::io::Result<()> {
+    writeln!(out, "Digest:    {}", d.digest)?;
+    writeln!(out, "Kind:      {}", d.kind.name())?;
+    if let Some(m) = &d.media_type {
+        writeln!(out, "MediaType: {m}")?;
+    }
+    writeln!(out, "Names:     {}", d.names.join(", "))?;
+    writeln!(out, "Size:      {}", human_bytes(d.size))?;
+    if let Some(c) = &d.config {
+        writeln!(out, "Config:    {} ({} bytes)", c.digest, c.size)?;
+    }
+    if let Some(i) = &d.config_info {
+        writeln!(
+            out,
+            "Platform:  {}/{}",
+            i.os.as_deref().unwrap_or("?"),
+            i.architecture.as_deref().unwrap_or("?")
+        )?;
+        if let Some(c) = &i.created {
+            writeln!(out, "Created:   {c}")?;
+        }
+    }
+    if !d.layers.is_empty() {
+        writeln!(out, "Layers:")?;
+        for l in &d.layers {
+            writeln!(
+                out,
+                "  {} {:>10}  {}",
+                l.digest,
+                human_bytes(l.size),
+                l.media_type
+            )?;
+        }
+    }
+    if !d.platforms.is_empty() {
+        writeln!(out, "Platforms:")?;
+        for p in &d.platforms {
+            writeln!(
+                out,
+                "  {:<20} {}",
+                p.platform.as_deref().unwrap_or("-"),
+                p.digest
+            )?;
+        }
+    }
+    if !d.missing.is_empty() {
+        writeln!(out, "Missing:")?;
+        for m in &d.missing {
+            writeln!(out, "  {m}")?;
+        }
+    }
+    if !d.containers.is_empty() {
+        writeln!(out, "Containers: {}", d.containers.join(", "))?;
+    }
+    Ok(())
+}
+
+fn print_df(out: &mut dyn Write, u: &crate::catalog::DiskUsage) -> Result<()> {
+    let line = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(stdout_err);
+    line(out, format!("Images:      {}", u.images.len()))?;
+    line(out, format!("Containers:  {}", u.containers))?;
+    line(out, format!("Total:       {}", human_bytes(u.total)))?;
+    line(out, format!("Shared:      {}", human_bytes(u.shared)))?;
+    line(out, format!("Unique:      {}", human_bytes(u.unique)))?;
+    line(out, format!("Reclaimable: {}", human_bytes(u.reclaimable)))?;
+    line(out, String::new())?;
+    let mut t = Table::new(&["IMAGES", "DIGEST", "SIZE", "SHARED", "UNIQUE", "CONTAINERS"]);
+    for i in &u.images {
+        t.row(vec![
+            if i.names.is_empty() {
+                "<none>".into()
+            } else {
+                i.names.join(",")
+            },
+            short(&i.digest),
+            human_bytes(i.size),
+            human_bytes(i.shared),
+            human_bytes(i.unique),
+            i.containers.to_string(),
+        ]);
+    }
+    t.print(out)?;
+    line(out, String::new())?;
+    let mut t = Table::new(&["LAYER", "SIZE", "IMAGES"]);
+    for l in &u.layers {
+        t.row(vec![
+            short(&l.digest),
+            human_bytes(l.size),
+            l.images.to_string(),
+        ]);
+    }
+    t.print(out)
+}
+
+/// `sha256:` and the first 12 hex digits.
+fn short(d: &Digest) -> String {
+    format!("{}:{}", d.algorithm(), &d.hex()[..12])
+}
+
+/// Sizes the way `docker images` prints them (decimal units).
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.3}{}", UNITS[u]).replace(".000", "")
+    }
+}
+
+/// A left-aligned text table.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(head: &[&str]) -> Table {
+        Table {
+            rows: vec![head.iter().map(|s| (*s).to_owned()).collect()],
+        }
+    }
+    fn row(&mut self, r: Vec<String>) {
+        self.rows.push(r);
+    }
+    fn print(&self, out: &mut dyn Write) -> Result<()> {
+        let cols = self.rows[0].len();
+        let widths: Vec<usize> = (0..cols)
+            .map(|c| self.rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+            .collect();
+        for r in &self.rows {
+            let mut line = String::new();
+            for (c, cell) in r.iter().enumerate() {
+                if c + 1 < cols {
+                    let _ = write!(line, "{cell:<w$}   ", w = widths[c]);
+                } else {
+                    line.push_str(cell);
+                }
+            }
+            writeln!(out, "{}", line.trim_end()).map_err(stdout_err)?;
+        }
+        Ok(())
+    }
 }
 
 fn stdout_err(e: std::io::Error) -> Error {

@@ -352,6 +352,33 @@ impl DualHasher {
         }
     }
 
+    /// Feeds one chunk while the calling thread runs `here` (say, reading the next
+    /// chunk of a stream that cannot leave this thread): the OCI hash runs on one pool
+    /// thread, blake3 and then `beside` (say, writing the chunk out) on another.
+    pub fn update_overlapped<A: Send, B>(
+        &mut self,
+        data: &[u8],
+        beside: impl FnOnce() -> A + Send,
+        here: impl FnOnce() -> B,
+    ) -> (A, B) {
+        self.len += data.len() as u64;
+        let (oci, check) = (&mut self.oci, &mut self.check);
+        let mut a = None;
+        let b = rayon::in_place_scope(|s| {
+            s.spawn(|_| {
+                for c in data.chunks(HASH_CHUNK) {
+                    oci.update(c);
+                }
+            });
+            s.spawn(|_| {
+                check.update(data);
+                a = Some(beside());
+            });
+            here()
+        });
+        (a.expect("the scope ran the task"), b)
+    }
+
     /// Bytes fed so far.
     pub fn len(&self) -> u64 {
         self.len

@@ -64,6 +64,45 @@ pub enum Error {
     /// An ingest with this ref is already being written in this process.
     #[error("ingest {0:?} is already in progress")]
     IngestBusy(String),
+    /// A name is not in the store.
+    #[error("no such image: {0}")]
+    NameNotFound(String),
+    /// A name or container must point at a manifest or index.
+    #[error("{0} is not an image (a manifest or index)")]
+    NotAnImage(Digest),
+    /// Removing the name would leave an image that containers use without a name.
+    #[error("conflict: unable to remove {reference:?}: image {image} is in use by container {}", fmt_containers(.containers))]
+    InUse {
+        /// The name asked for.
+        reference: String,
+        /// The image it points at.
+        image: Digest,
+        /// (id, name) of the containers using it.
+        containers: Vec<(String, String)>,
+    },
+    /// A manifest or index names children that are not stored.
+    #[error("{parent} names {} blob(s) not in the store: {}", .missing.len(), fmt_digests(.missing))]
+    MissingChildren {
+        /// The manifest or index.
+        parent: Digest,
+        /// The absent children.
+        missing: Vec<Digest>,
+    },
+    /// Image JSON was refused.
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    /// A reference could not be parsed.
+    #[error(transparent)]
+    Reference(#[from] crate::reference::ReferenceError),
+    /// No container with that id or name.
+    #[error("no such container: {0}")]
+    ContainerNotFound(String),
+    /// No lease with that id.
+    #[error("no such lease: {0}")]
+    LeaseNotFound(String),
+    /// An archive or layout is malformed or unsafe.
+    #[error("invalid archive: {0}")]
+    Archive(String),
     /// An invalid argument (ref name, option value).
     #[error("invalid argument: {0}")]
     Invalid(String),
@@ -80,6 +119,20 @@ pub enum Error {
     /// The metadata database failed.
     #[error("metadata database: {0}")]
     Db(Arc<redb::Error>),
+}
+
+fn fmt_containers(c: &[(String, String)]) -> String {
+    c.iter()
+        .map(|(id, name)| format!("{} ({name})", &id[..id.len().min(12)]))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn fmt_digests(d: &[Digest]) -> String {
+    d.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Error {

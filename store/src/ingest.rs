@@ -347,7 +347,7 @@ impl Ingest {
                 blake3,
                 kind,
             };
-            inner.store_hashed(std::slice::from_ref(&item))?;
+            inner.store_hashed(std::slice::from_ref(&item), &self.opts)?;
             return Ok(desc);
         }
         if self.store.ensure(&digest)? {

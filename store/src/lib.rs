@@ -16,21 +16,31 @@
 //! # Ok::<(), layerstore::Error>(())
 //! ```
 
+pub mod archive;
 mod blobs;
+pub mod catalog;
 pub mod cli;
 pub mod digest;
 mod error;
 pub mod format;
+pub mod image;
 mod ingest;
 mod map;
 mod meta;
+pub mod reference;
+mod refs;
 mod store;
 mod sys;
 
+pub use archive::{ExportFormat, ImportOptions, ImportOutcome, ImportedImage};
 pub use blobs::Blob;
 pub use digest::{Algorithm, Digest, DigestError};
 pub use error::{Error, Result};
 pub use format::Kind;
 pub use ingest::{Ingest, MAX_REF_LEN};
-pub use meta::{Counters, Location, SCHEMA_VERSION};
-pub use store::{BlobInfo, BlobIter, Descriptor, Info, Options, PutOptions, Snapshot, Store};
+pub use meta::{ContainerRecord, Counters, LeaseRecord, Location, SCHEMA_VERSION};
+pub use reference::Reference;
+pub use refs::Lease;
+pub use store::{
+    BlobInfo, BlobIter, Descriptor, Info, ManifestPut, Options, PutOptions, Snapshot, Store,
+};

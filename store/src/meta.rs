@@ -11,7 +11,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
 
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, MultimapTableDefinition, ReadTransaction, ReadableDatabase, ReadableTable,
+    TableDefinition,
+};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -23,6 +26,25 @@ pub(crate) const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bl
 pub(crate) const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
 /// Named counters and settings.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// parent key -> child keys (index->manifest, manifest->config/layers, subject->referrer).
+pub(crate) const EDGES: MultimapTableDefinition<&[u8], &[u8]> =
+    MultimapTableDefinition::new("edges");
+/// subject key -> referrer keys, for referrers stored before their subject.
+pub(crate) const PENDING_REFERRERS: MultimapTableDefinition<&[u8], &[u8]> =
+    MultimapTableDefinition::new("pending_referrers");
+/// child key -> number of distinct stored parents naming it.
+pub(crate) const REFCOUNT: TableDefinition<&[u8], u64> = TableDefinition::new("refcount");
+/// digest key -> number of root holders (names, containers, lease entries).
+pub(crate) const HOLDS: TableDefinition<&[u8], u64> = TableDefinition::new("holds");
+/// canonical name "registry/repository:tag" -> digest key.
+pub(crate) const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("names");
+/// container id -> JSON [`ContainerRecord`].
+pub(crate) const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
+/// lease id -> JSON [`LeaseRecord`].
+pub(crate) const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+/// lease id -> digest keys it holds.
+pub(crate) const LEASE_RESOURCES: MultimapTableDefinition<&str, &[u8]> =
+    MultimapTableDefinition::new("lease_resources");
 
 /// Version of the table layout; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -173,6 +195,10 @@ pub(crate) struct NewBlob {
     pub entry: BlobEntry,
     /// Header plus payload, for packed blobs; 0 for large ones.
     pub record_len: u64,
+    /// For a manifest or index: the distinct children it names (edges to add).
+    pub children: Vec<Digest>,
+    /// For a referrer: its subject (edge subject -> this blob).
+    pub subject: Option<Digest>,
 }
 
 /// New state of a segment touched by a batch: `committed_len` only grows, `sealed` only
@@ -185,20 +211,71 @@ pub(crate) struct SegmentUpdate {
     pub sealed: bool,
 }
 
+/// A write batch: blobs, the segments they landed in, and what to do with names and
+/// leases in the same transaction.
+#[derive(Debug, Default)]
+pub(crate) struct PutOp {
+    pub blobs: Vec<NewBlob>,
+    pub segments: Vec<SegmentUpdate>,
+    /// Existing blobs to refresh (the caller skipped writing them).
+    pub touch: Vec<Digest>,
+    /// The data fsync of these blobs, still running: the commit waits for it (so the
+    /// index work overlaps the fsync) and drops this op if it failed.
+    pub durable: Option<Barrier>,
+    /// Names to point at images (stored before or in this op), after the blobs.
+    pub names: Vec<(String, Digest)>,
+    /// A lease that takes every blob of the op (new and touched) as a resource.
+    pub lease: Option<String>,
+    /// Fail with [`Error::MissingChildren`] (and change nothing) if a new manifest or index
+    /// names a child that is neither stored nor part of this op.
+    pub require_children: bool,
+}
+
+/// A stored container record.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ContainerRecord {
+    /// The container id (64 hex digits).
+    pub id: String,
+    /// The image it uses (a manifest or index).
+    pub image: Digest,
+    /// Its unique name.
+    pub name: String,
+    /// The reference it was created from, as given.
+    pub image_ref: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// A stored lease record.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseRecord {
+    /// The lease id.
+    pub id: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// Expiry, milliseconds since the Unix epoch; `None` never expires.
+    pub expires_ms: Option<u64>,
+}
+
 /// One unit of work for the commit queue.
 #[derive(Debug)]
 pub(crate) enum Op {
-    /// Make blobs visible, advance segments, and refresh `touched` of existing blobs.
-    Put {
-        blobs: Vec<NewBlob>,
-        segments: Vec<SegmentUpdate>,
-        touch: Vec<Digest>,
-        /// The data fsync of these blobs, still running: the commit waits for it (so the
-        /// index work overlaps the fsync) and drops this op if it failed.
-        durable: Option<Barrier>,
-    },
+    /// Make blobs visible (with their edges), advance segments, refresh existing blobs,
+    /// and set names and lease resources.
+    Put(PutOp),
     /// Mark segments sealed (after a write failure, or at open).
     Seal(Vec<u64>),
+    /// Remove names (`rmi`). Without `force`, refuses to remove the last name of an image
+    /// that a container uses.
+    Untag { names: Vec<String>, force: bool },
+    /// Create a container using `record.image`.
+    ContainerCreate(ContainerRecord),
+    /// Remove a container by id.
+    ContainerRemove(String),
+    /// Create a lease.
+    LeaseCreate(LeaseRecord),
+    /// Remove a lease and its holds.
+    LeaseRemove(String),
 }
 
 /// The result of a data fsync running on another thread.
@@ -222,8 +299,8 @@ impl Barrier {
 impl Op {
     fn barrier(&self) -> Option<&Barrier> {
         match self {
-            Op::Put { durable, .. } => durable.as_ref(),
-            Op::Seal(_) => None,
+            Op::Put(p) => p.durable.as_ref(),
+            _ => None,
         }
     }
 }
@@ -231,11 +308,15 @@ impl Op {
 /// What an [`Op`] did.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
-    /// Indices into `Op::Put::blobs` whose digest was already stored; their bytes are dead.
+    /// Indices into `PutOp::blobs` whose digest was already stored; their bytes are dead.
     pub lost: Vec<usize>,
-    /// Digests in `Op::Put::touch` that are no longer stored (deleted after the caller's
+    /// Digests in `PutOp::touch` that are no longer stored (deleted after the caller's
     /// existence check): the caller must store them after all.
     pub missing: Vec<Digest>,
+    /// For each new manifest or index: children that are not stored (yet).
+    pub absent_children: Vec<(Digest, Vec<Digest>)>,
+    /// Names removed by `Untag`, with the image each pointed at.
+    pub untagged: Vec<(String, Digest)>,
 }
 
 #[derive(Default)]
@@ -315,6 +396,14 @@ impl Meta {
                 }
                 txn.open_table(BLOBS)?;
                 txn.open_table(SEGMENTS)?;
+                txn.open_multimap_table(EDGES)?;
+                txn.open_multimap_table(PENDING_REFERRERS)?;
+                txn.open_table(REFCOUNT)?;
+                txn.open_table(HOLDS)?;
+                txn.open_table(NAMES)?;
+                txn.open_table(CONTAINERS)?;
+                txn.open_table(LEASES)?;
+                txn.open_multimap_table(LEASE_RESOURCES)?;
                 txn.commit()?;
                 Ok(shards)
             }
@@ -379,6 +468,73 @@ impl Meta {
         Ok(out)
     }
 
+    /// All names and their targets, in name order.
+    pub fn names(&self) -> Result<Vec<(String, Digest)>> {
+        let txn = self.read()?;
+        let t = txn.open_table(NAMES)?;
+        t.iter()?
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((k.value().to_owned(), Digest::from_key(v.value())?))
+            })
+            .collect()
+    }
+
+    /// The target of one name.
+    pub fn name(&self, name: &str) -> Result<Option<Digest>> {
+        let txn = self.read()?;
+        let t = txn.open_table(NAMES)?;
+        t.get(name)?
+            .map(|v| Digest::from_key(v.value()))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// The children a stored manifest or index names (its edges), in key order.
+    pub fn children(txn: &ReadTransaction, d: &Digest) -> Result<Vec<Digest>> {
+        let t = txn.open_multimap_table(EDGES)?;
+        t.get(&*d.key())?
+            .map(|r| Ok(Digest::from_key(r?.value())?))
+            .collect()
+    }
+
+    /// `refcount[d]` and `holds[d]`.
+    pub fn counts(&self, d: &Digest) -> Result<(u64, u64)> {
+        let txn = self.read()?;
+        let rc = txn.open_table(REFCOUNT)?;
+        let h = txn.open_table(HOLDS)?;
+        let k = d.key();
+        Ok((
+            rc.get(&*k)?.map_or(0, |v| v.value()),
+            h.get(&*k)?.map_or(0, |v| v.value()),
+        ))
+    }
+
+    /// Every container.
+    pub fn containers(&self) -> Result<Vec<ContainerRecord>> {
+        let txn = self.read()?;
+        let t = txn.open_table(CONTAINERS)?;
+        t.iter()?.map(|r| unjson(r?.1.value())).collect()
+    }
+
+    /// Every lease with its resources.
+    pub fn leases(&self) -> Result<Vec<(LeaseRecord, Vec<Digest>)>> {
+        let txn = self.read()?;
+        let t = txn.open_table(LEASES)?;
+        let res = txn.open_multimap_table(LEASE_RESOURCES)?;
+        t.iter()?
+            .map(|r| {
+                let (k, v) = r?;
+                let rec: LeaseRecord = unjson(v.value())?;
+                let ds = res
+                    .get(k.value())?
+                    .map(|x| Ok(Digest::from_key(x?.value())?))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((rec, ds))
+            })
+            .collect()
+    }
+
     /// Applies `op` durably, batched with whatever other threads submit meanwhile.
     pub fn submit(&self, op: Op) -> Result<Outcome> {
         let mut q = self
@@ -422,7 +578,7 @@ impl Meta {
             let tickets: Vec<u64> = batch.iter().map(|(t, _)| *t).collect();
             match self.try_commit(&batch, &mut resolved) {
                 Ok(outcomes) => {
-                    results.extend(tickets.into_iter().zip(outcomes.into_iter().map(Ok)));
+                    results.extend(tickets.into_iter().zip(outcomes));
                     return results;
                 }
                 Err(e) => {
@@ -450,40 +606,16 @@ impl Meta {
         &self,
         batch: &[(u64, Op)],
         resolved: &mut HashMap<u64, Result<()>>,
-    ) -> Result<Vec<Outcome>> {
+    ) -> Result<Vec<Result<Outcome>>> {
         let mut txn = self.db.begin_write()?;
         txn.set_quick_repair(true);
         let mut outcomes = Vec::with_capacity(batch.len());
         {
-            let mut blobs = txn.open_table(BLOBS)?;
-            let mut segs = txn.open_table(SEGMENTS)?;
-            let mut meta = txn.open_table(META)?;
-            let mut c = read_counters(&meta)?;
-            let now = crate::sys::now_ms();
+            let mut tx = Tx::open(&txn)?;
             for (_, op) in batch {
-                outcomes.push(match op {
-                    Op::Put {
-                        blobs: new,
-                        segments,
-                        touch,
-                        ..
-                    } => apply_put(&mut blobs, &mut segs, &mut c, now, new, segments, touch)?,
-                    Op::Seal(ids) => {
-                        for &id in ids {
-                            let row = segs.get(id)?.map(|v| SegmentRow::decode(v.value()));
-                            if let Some(row) = row {
-                                let row = SegmentRow {
-                                    sealed: true,
-                                    ..row?
-                                };
-                                segs.insert(id, &row.encode()[..])?;
-                            }
-                        }
-                        Outcome::default()
-                    }
-                });
+                outcomes.push(tx.apply(op)?);
             }
-            write_counters(&mut meta, c)?;
+            tx.finish()?;
         }
         // Nothing becomes visible before its bytes are durable.
         for (t, op) in batch {
@@ -517,89 +649,429 @@ fn write_counters(meta: &mut redb::Table<&str, u64>, c: Counters) -> Result<()> 
     Ok(())
 }
 
-fn apply_put(
-    blobs: &mut redb::Table<&[u8], &[u8]>,
-    segs: &mut redb::Table<u64, &[u8]>,
-    c: &mut Counters,
+/// The tables of one write transaction, and the mutations that keep their invariants:
+/// `refcount[c] == |{p : c in edges[p]}|` and `holds[d] ==` the names, containers and
+/// lease entries naming `d`.
+struct Tx<'t> {
+    blobs: redb::Table<'t, &'static [u8], &'static [u8]>,
+    segs: redb::Table<'t, u64, &'static [u8]>,
+    meta: redb::Table<'t, &'static str, u64>,
+    edges: redb::MultimapTable<'t, &'static [u8], &'static [u8]>,
+    pending: redb::MultimapTable<'t, &'static [u8], &'static [u8]>,
+    refcount: redb::Table<'t, &'static [u8], u64>,
+    holds: redb::Table<'t, &'static [u8], u64>,
+    names: redb::Table<'t, &'static str, &'static [u8]>,
+    containers: redb::Table<'t, &'static str, &'static [u8]>,
+    leases: redb::Table<'t, &'static str, &'static [u8]>,
+    lease_res: redb::MultimapTable<'t, &'static str, &'static [u8]>,
+    c: Counters,
     now: u64,
-    new: &[NewBlob],
-    segments: &[SegmentUpdate],
-    touch: &[Digest],
-) -> Result<Outcome> {
-    let mut rows: HashMap<u64, SegmentRow> = HashMap::with_capacity(segments.len());
-    for u in segments {
-        let old = segs
-            .get(u.id)?
-            .map(|v| SegmentRow::decode(v.value()))
-            .transpose()?
-            .unwrap_or(SegmentRow {
-                shard: u.shard,
-                ..SegmentRow::default()
-            });
-        rows.insert(
-            u.id,
-            SegmentRow {
-                committed_len: old.committed_len.max(u.committed_len),
-                sealed: old.sealed || u.sealed,
-                ..old
-            },
-        );
+}
+
+impl<'t> Tx<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Tx<'t>> {
+        let meta = txn.open_table(META)?;
+        let c = read_counters(&meta)?;
+        Ok(Tx {
+            blobs: txn.open_table(BLOBS)?,
+            segs: txn.open_table(SEGMENTS)?,
+            meta,
+            edges: txn.open_multimap_table(EDGES)?,
+            pending: txn.open_multimap_table(PENDING_REFERRERS)?,
+            refcount: txn.open_table(REFCOUNT)?,
+            holds: txn.open_table(HOLDS)?,
+            names: txn.open_table(NAMES)?,
+            containers: txn.open_table(CONTAINERS)?,
+            leases: txn.open_table(LEASES)?,
+            lease_res: txn.open_multimap_table(LEASE_RESOURCES)?,
+            c,
+            now: crate::sys::now_ms(),
+        })
     }
-    let mut outcome = Outcome::default();
-    // Inserting in key order keeps the B-tree walk cache-friendly.
-    let mut order: Vec<usize> = (0..new.len()).collect();
-    order.sort_unstable_by_key(|&i| new[i].digest);
-    for i in order {
-        let b = &new[i];
-        let key = b.digest.key();
-        let entry = BlobEntry {
-            touched_ms: now,
-            ..b.entry
-        };
-        let old = blobs
-            .insert(&*key, &entry.encode()[..])?
-            .map(|v| BlobEntry::decode(v.value()));
-        if let Some(old) = old {
-            // Lost a race with a concurrent put of the same bytes: keep the stored copy,
-            // refresh it, and count our record as dead.
-            let old = BlobEntry {
-                touched_ms: now,
-                ..old?
-            };
-            blobs.insert(&*key, &old.encode()[..])?;
-            if let Location::Packed { segment, .. } = b.entry.location
-                && let Some(row) = rows.get_mut(&segment)
-            {
-                row.dead_bytes += b.record_len;
+
+    fn finish(mut self) -> Result<()> {
+        write_counters(&mut self.meta, self.c)
+    }
+
+    /// Applies one op. The outer error aborts the whole transaction (storage); the inner
+    /// one fails only this op, which then has changed nothing.
+    fn apply(&mut self, op: &Op) -> Result<Result<Outcome>> {
+        match op {
+            Op::Put(p) => self.put(p),
+            Op::Seal(ids) => {
+                for &id in ids {
+                    let row = self.segs.get(id)?.map(|v| SegmentRow::decode(v.value()));
+                    if let Some(row) = row {
+                        let row = SegmentRow {
+                            sealed: true,
+                            ..row?
+                        };
+                        self.segs.insert(id, &row.encode()[..])?;
+                    }
+                }
+                Ok(Ok(Outcome::default()))
             }
-            outcome.lost.push(i);
-            continue;
-        }
-        c.blobs += 1;
-        c.bytes += entry.size;
-        if matches!(entry.location, Location::Large { .. }) {
-            c.large_blobs += 1;
-            c.large_bytes += entry.size;
+            Op::Untag { names, force } => self.untag(names, *force),
+            Op::ContainerCreate(rec) => self.container_create(rec),
+            Op::ContainerRemove(id) => self.container_remove(id),
+            Op::LeaseCreate(rec) => {
+                if self.leases.get(rec.id.as_str())?.is_some() {
+                    return Ok(Err(Error::Invalid(format!("lease {} exists", rec.id))));
+                }
+                self.leases.insert(rec.id.as_str(), &json(rec)[..])?;
+                Ok(Ok(Outcome::default()))
+            }
+            Op::LeaseRemove(id) => {
+                if self.leases.remove(id.as_str())?.is_none() {
+                    return Ok(Err(Error::LeaseNotFound(id.clone())));
+                }
+                let res: Vec<Vec<u8>> = self
+                    .lease_res
+                    .remove_all(id.as_str())?
+                    .map(|v| v.map(|g| g.value().to_vec()))
+                    .collect::<std::result::Result<_, _>>()?;
+                for k in res {
+                    self.unhold(&k)?;
+                }
+                Ok(Ok(Outcome::default()))
+            }
         }
     }
-    outcome.lost.sort_unstable();
-    for d in touch {
-        let key = d.key();
-        let existing = blobs.get(&*key)?.map(|v| BlobEntry::decode(v.value()));
-        if let Some(old) = existing {
-            let e = BlobEntry {
-                touched_ms: now,
-                ..old?
-            };
-            blobs.insert(&*key, &e.encode()[..])?;
+
+    fn entry(&self, d: &Digest) -> Result<Option<BlobEntry>> {
+        self.blobs
+            .get(&*d.key())?
+            .map(|v| BlobEntry::decode(v.value()))
+            .transpose()
+    }
+
+    fn touch(&mut self, d: &Digest) -> Result<bool> {
+        let Some(e) = self.entry(d)? else {
+            return Ok(false);
+        };
+        let e = BlobEntry {
+            touched_ms: self.now,
+            ..e
+        };
+        self.blobs.insert(&*d.key(), &e.encode()[..])?;
+        Ok(true)
+    }
+
+    fn add_edge(&mut self, parent: &Digest, child: &Digest) -> Result<()> {
+        let existed = self.edges.insert(&*parent.key(), &*child.key())?;
+        if !existed {
+            let k = child.key();
+            let n = self.refcount.get(&*k)?.map_or(0, |v| v.value());
+            self.refcount.insert(&*k, n + 1)?;
+        }
+        Ok(())
+    }
+
+    fn hold(&mut self, key: &[u8]) -> Result<()> {
+        let n = self.holds.get(key)?.map_or(0, |v| v.value());
+        self.holds.insert(key, n + 1)?;
+        Ok(())
+    }
+
+    fn unhold(&mut self, key: &[u8]) -> Result<()> {
+        let n = self.holds.get(key)?.map_or(0, |v| v.value());
+        if n <= 1 {
+            self.holds.remove(key)?;
         } else {
-            outcome.missing.push(*d);
+            self.holds.insert(key, n - 1)?;
+        }
+        Ok(())
+    }
+
+    /// A stored manifest or index, or the reason it cannot be a name's or container's target.
+    fn require_image(&self, d: &Digest) -> Result<Result<()>> {
+        match self.entry(d)? {
+            None => Ok(Err(Error::NotFound(*d))),
+            Some(e) if matches!(e.kind, Kind::Manifest | Kind::Index) => Ok(Ok(())),
+            Some(_) => Ok(Err(Error::NotAnImage(*d))),
         }
     }
-    for (id, row) in rows {
-        segs.insert(id, &row.encode()[..])?;
+
+    fn put(&mut self, p: &PutOp) -> Result<Result<Outcome>> {
+        // Checks first: a failing op changes nothing.
+        let in_op: std::collections::HashSet<Digest> = p.blobs.iter().map(|b| b.digest).collect();
+        let mut outcome = Outcome::default();
+        for b in &p.blobs {
+            let mut absent = Vec::new();
+            for c in &b.children {
+                if !in_op.contains(c) && self.blobs.get(&*c.key())?.is_none() {
+                    absent.push(*c);
+                }
+            }
+            if !absent.is_empty() {
+                outcome.absent_children.push((b.digest, absent));
+            }
+        }
+        if p.require_children
+            && let Some((parent, missing)) = outcome.absent_children.first()
+        {
+            return Ok(Err(Error::MissingChildren {
+                parent: *parent,
+                missing: missing.clone(),
+            }));
+        }
+        if let Some(l) = &p.lease
+            && self.leases.get(l.as_str())?.is_none()
+        {
+            return Ok(Err(Error::LeaseNotFound(l.clone())));
+        }
+        for (_, target) in &p.names {
+            let known = p
+                .blobs
+                .iter()
+                .find(|b| b.digest == *target)
+                .map(|b| b.entry.kind);
+            let ok = match known {
+                Some(k) => Ok(matches!(k, Kind::Manifest | Kind::Index)),
+                None => self.require_image(target)?.map(|()| true),
+            };
+            match ok {
+                Ok(true) => {}
+                Ok(false) => return Ok(Err(Error::NotAnImage(*target))),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+
+        let mut rows: HashMap<u64, SegmentRow> = HashMap::with_capacity(p.segments.len());
+        for u in &p.segments {
+            let old = self
+                .segs
+                .get(u.id)?
+                .map(|v| SegmentRow::decode(v.value()))
+                .transpose()?
+                .unwrap_or(SegmentRow {
+                    shard: u.shard,
+                    ..SegmentRow::default()
+                });
+            rows.insert(
+                u.id,
+                SegmentRow {
+                    committed_len: old.committed_len.max(u.committed_len),
+                    sealed: old.sealed || u.sealed,
+                    ..old
+                },
+            );
+        }
+        // Inserting in key order keeps the B-tree walk cache-friendly.
+        let mut order: Vec<usize> = (0..p.blobs.len()).collect();
+        order.sort_unstable_by_key(|&i| p.blobs[i].digest);
+        let mut inserted = Vec::with_capacity(p.blobs.len());
+        for i in order {
+            let b = &p.blobs[i];
+            let key = b.digest.key();
+            let entry = BlobEntry {
+                touched_ms: self.now,
+                ..b.entry
+            };
+            let old = self
+                .blobs
+                .insert(&*key, &entry.encode()[..])?
+                .map(|v| BlobEntry::decode(v.value()));
+            if let Some(old) = old {
+                // Lost a race with a concurrent put of the same bytes: keep the stored
+                // copy (and its edges), refresh it, and count our record as dead.
+                let old = BlobEntry {
+                    touched_ms: self.now,
+                    ..old?
+                };
+                self.blobs.insert(&*key, &old.encode()[..])?;
+                if let Location::Packed { segment, .. } = b.entry.location
+                    && let Some(row) = rows.get_mut(&segment)
+                {
+                    row.dead_bytes += b.record_len;
+                }
+                outcome.lost.push(i);
+                continue;
+            }
+            self.c.blobs += 1;
+            self.c.bytes += entry.size;
+            if matches!(entry.location, Location::Large { .. }) {
+                self.c.large_blobs += 1;
+                self.c.large_bytes += entry.size;
+            }
+            inserted.push(i);
+        }
+        outcome.lost.sort_unstable();
+        // Edges of the new blobs, in the transaction that makes them visible.
+        for &i in &inserted {
+            let b = &p.blobs[i];
+            for c in &b.children {
+                self.add_edge(&b.digest, c)?;
+            }
+            // Referrers stored before this subject now hang off it.
+            let waiting: Vec<Vec<u8>> = self
+                .pending
+                .remove_all(&*b.digest.key())?
+                .map(|v| v.map(|g| g.value().to_vec()))
+                .collect::<std::result::Result<_, _>>()?;
+            for r in waiting {
+                self.add_edge(&b.digest, &Digest::from_key(&r)?)?;
+            }
+        }
+        for &i in &inserted {
+            let b = &p.blobs[i];
+            if let Some(s) = &b.subject {
+                if self.blobs.get(&*s.key())?.is_some() {
+                    self.add_edge(s, &b.digest)?;
+                } else {
+                    self.pending.insert(&*s.key(), &*b.digest.key())?;
+                }
+            }
+        }
+        for d in &p.touch {
+            if !self.touch(d)? {
+                outcome.missing.push(*d);
+            }
+        }
+        for (id, row) in rows {
+            self.segs.insert(id, &row.encode()[..])?;
+        }
+        for (name, target) in &p.names {
+            self.set_name(name, target)?;
+        }
+        if let Some(l) = &p.lease {
+            for d in p.blobs.iter().map(|b| &b.digest).chain(&p.touch) {
+                if !self.lease_res.insert(l.as_str(), &*d.key())? {
+                    self.hold(&d.key())?;
+                }
+            }
+        }
+        Ok(Ok(outcome))
     }
-    Ok(outcome)
+
+    fn set_name(&mut self, name: &str, target: &Digest) -> Result<()> {
+        let key = target.key();
+        let old = self.names.insert(name, &*key)?.map(|v| v.value().to_vec());
+        match old {
+            Some(o) if o == *key => {}
+            Some(o) => {
+                self.unhold(&o)?;
+                self.hold(&key)?;
+            }
+            None => self.hold(&key)?,
+        }
+        self.touch(target)?;
+        Ok(())
+    }
+
+    fn containers_using(&self, d: &Digest) -> Result<Vec<ContainerRecord>> {
+        let mut out = Vec::new();
+        for r in self.containers.iter()? {
+            let (_, v) = r?;
+            let rec: ContainerRecord = unjson(v.value())?;
+            if rec.image == *d {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn untag(&mut self, names: &[String], force: bool) -> Result<Result<Outcome>> {
+        let mut targets = Vec::with_capacity(names.len());
+        for n in names {
+            match self.names.get(n.as_str())? {
+                Some(v) => targets.push(Digest::from_key(v.value())?),
+                None => return Ok(Err(Error::NameNotFound(n.clone()))),
+            }
+        }
+        if !force {
+            for (n, d) in names.iter().zip(&targets) {
+                // Removing a name is refused only when it is the image's last one and a
+                // container uses the image (Docker's rule: untagging an alias is fine).
+                let mut others = 0usize;
+                for r in self.names.iter()? {
+                    let (k, v) = r?;
+                    if v.value() == &*d.key() && !names.iter().any(|x| x == k.value()) {
+                        others += 1;
+                    }
+                }
+                if others == 0 {
+                    let users = self.containers_using(d)?;
+                    if !users.is_empty() {
+                        return Ok(Err(Error::InUse {
+                            reference: n.clone(),
+                            image: *d,
+                            containers: users.into_iter().map(|c| (c.id, c.name)).collect(),
+                        }));
+                    }
+                }
+            }
+        }
+        let mut outcome = Outcome::default();
+        for (n, d) in names.iter().zip(targets) {
+            if self.names.remove(n.as_str())?.is_some() {
+                self.unhold(&d.key())?;
+                outcome.untagged.push((n.clone(), d));
+            }
+        }
+        Ok(Ok(outcome))
+    }
+
+    fn container_create(&mut self, rec: &ContainerRecord) -> Result<Result<Outcome>> {
+        if let Err(e) = self.require_image(&rec.image)? {
+            return Ok(Err(e));
+        }
+        for r in self.containers.iter()? {
+            let (_, v) = r?;
+            let other: ContainerRecord = unjson(v.value())?;
+            if other.name == rec.name || other.id == rec.id {
+                return Ok(Err(Error::Invalid(format!(
+                    "container name {:?} is already in use by container {}",
+                    rec.name, other.id
+                ))));
+            }
+        }
+        self.containers.insert(rec.id.as_str(), &json(rec)[..])?;
+        self.hold(&rec.image.key())?;
+        self.touch(&rec.image)?;
+        Ok(Ok(Outcome::default()))
+    }
+
+    fn container_remove(&mut self, id: &str) -> Result<Result<Outcome>> {
+        let rec = match self.containers.remove(id)? {
+            Some(v) => unjson::<ContainerRecord>(v.value())?,
+            None => return Ok(Err(Error::ContainerNotFound(id.to_owned()))),
+        };
+        self.unhold(&rec.image.key())?;
+        Ok(Ok(Outcome::default()))
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn unjson<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| Error::Corrupt(format!("metadata record: {e}")))
+}
+
+#[cfg(test)]
+impl Meta {
+    /// Removes a blob's index entry, as a collector would (tests only; the collector with
+    /// its re-checks comes with the GC).
+    pub(crate) fn remove_for_test(&self, d: &Digest) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(BLOBS)?;
+            t.remove(&*d.key())?;
+            let mut meta = txn.open_table(META)?;
+            let c = read_counters(&meta)?;
+            write_counters(
+                &mut meta,
+                Counters {
+                    blobs: c.blobs - 1,
+                    ..c
+                },
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -643,29 +1115,5 @@ mod tests {
             dead_bytes: 12,
         };
         assert_eq!(SegmentRow::decode(&r.encode()).unwrap(), r);
-    }
-}
-
-#[cfg(test)]
-impl Meta {
-    /// Removes a blob's index entry, as a collector would (tests only; the collector with
-    /// its re-checks comes with the GC).
-    pub(crate) fn remove_for_test(&self, d: &Digest) -> Result<()> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut t = txn.open_table(BLOBS)?;
-            t.remove(&*d.key())?;
-            let mut meta = txn.open_table(META)?;
-            let c = read_counters(&meta)?;
-            write_counters(
-                &mut meta,
-                Counters {
-                    blobs: c.blobs - 1,
-                    ..c
-                },
-            )?;
-        }
-        txn.commit()?;
-        Ok(())
     }
 }

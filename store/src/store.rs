@@ -6,7 +6,7 @@
 //! failure at any step leaves nothing visible. It must never hand out bytes whose index
 //! entry is not committed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +18,9 @@ use crate::blobs::{Active, Blob, Files, ShardWriter};
 use crate::digest::{Algorithm, Digest, DualHasher};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{Kind, RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN};
-use crate::meta::{Barrier, BlobEntry, Counters, Location, Meta, NewBlob, Op, SegmentUpdate};
+use crate::meta::{
+    Barrier, BlobEntry, Counters, Location, Meta, NewBlob, Op, PutOp, SegmentUpdate,
+};
 use crate::sys;
 
 /// Choices for opening a store. Settings marked "init" only apply when the store is
@@ -84,7 +86,7 @@ pub struct Descriptor {
 }
 
 /// Per-put choices.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub struct PutOptions {
     /// The content class to record.
@@ -93,6 +95,10 @@ pub struct PutOptions {
     pub expected: Option<Digest>,
     /// The size the bytes must have.
     pub expected_size: Option<u64>,
+    /// A lease that takes the blob as a resource, in the same commit.
+    pub lease: Option<String>,
+    /// For a manifest or index: refuse it (storing nothing) if a child is not stored.
+    pub require_children: bool,
 }
 
 impl PutOptions {
@@ -114,6 +120,29 @@ impl PutOptions {
         self.expected_size = Some(n);
         self
     }
+    /// Adds the blob to lease `id` in the same commit.
+    #[must_use]
+    pub fn lease(mut self, id: impl Into<String>) -> Self {
+        self.lease = Some(id.into());
+        self
+    }
+    /// Refuses a manifest or index whose children are not all stored.
+    #[must_use]
+    pub fn require_children(mut self, yes: bool) -> Self {
+        self.require_children = yes;
+        self
+    }
+}
+
+/// What storing a manifest or index did.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ManifestPut {
+    /// Digest and size.
+    pub descriptor: Descriptor,
+    /// [`Kind::Manifest`] or [`Kind::Index`].
+    pub kind: Kind,
+    /// Children it names that are not stored (yet); they may arrive later.
+    pub absent_children: Vec<Digest>,
 }
 
 /// Everything the index knows about one blob.
@@ -170,7 +199,7 @@ pub struct Info {
     pub segments: u64,
     /// Of which sealed.
     pub sealed_segments: u64,
-    /// Bytes of live records (headers included) in segments, plus large files.
+    /// Bytes of live records (headers included) in segments and in large files.
     pub live_bytes: u64,
     /// Bytes of dead records in segments, reclaimable by compaction.
     pub dead_bytes: u64,
@@ -367,6 +396,7 @@ impl Store {
     }
 
     /// Stores one blob with options (kind, expected digest and size).
+    #[allow(clippy::needless_pass_by_value)] // options are built inline by callers
     pub fn put_with(&self, data: &[u8], opts: PutOptions) -> Result<Descriptor> {
         let alg = opts.expected.map_or(Algorithm::Sha256, |d| d.algorithm());
         let mut h = DualHasher::new(alg);
@@ -379,10 +409,39 @@ impl Store {
             blake3,
             kind: opts.kind.unwrap_or(Kind::Other),
         };
-        self.inner.store_hashed(&[item])?;
+        self.inner.store_hashed(&[item], &opts)?;
         Ok(Descriptor {
             digest,
             size: data.len() as u64,
+        })
+    }
+
+    /// Stores a manifest or index (recognised by media type or shape; schema 1 refused),
+    /// adding its edges and its children's reference counts in the same commit that makes
+    /// it visible. Children may be stored before or after; those absent are reported, or
+    /// refused with [`Error::MissingChildren`] under `opts.require_children`.
+    pub fn put_manifest(&self, data: &[u8], opts: PutOptions) -> Result<ManifestPut> {
+        let parsed = crate::image::parse(data)?;
+        let kind = parsed.kind;
+        let descriptor = self.put_with(
+            data,
+            PutOptions {
+                kind: Some(kind),
+                ..opts
+            },
+        )?;
+        let txn = self.inner.meta.read()?;
+        let blobs = txn.open_table(crate::meta::BLOBS)?;
+        let mut absent_children = Vec::new();
+        for c in parsed.edge_targets() {
+            if redb::ReadableTable::get(&blobs, &*c.key())?.is_none() {
+                absent_children.push(c);
+            }
+        }
+        Ok(ManifestPut {
+            descriptor,
+            kind,
+            absent_children,
         })
     }
 
@@ -425,7 +484,8 @@ impl Store {
         batch.add(&current)?;
         all.append(&mut current);
         let missing = batch.commit()?;
-        self.inner.store_missing(&all, missing)?;
+        self.inner
+            .store_missing(&all, missing.missing, &PutOptions::default())?;
         Ok(all.iter().map(Hashed::descriptor).collect())
     }
 
@@ -473,12 +533,10 @@ impl Store {
         if !self.contains(d)? {
             return Ok(false);
         }
-        self.inner.meta.submit(Op::Put {
-            blobs: Vec::new(),
-            segments: Vec::new(),
+        self.inner.meta.submit(Op::Put(PutOp {
             touch: vec![*d],
-            durable: None,
-        })?;
+            ..PutOp::default()
+        }))?;
         self.contains(d)
     }
 
@@ -517,7 +575,7 @@ impl Store {
             shards: self.inner.shards.len() as u32,
             segments: rows.len() as u64,
             sealed_segments: sealed,
-            live_bytes: packed.saturating_sub(dead) + large_bytes,
+            live_bytes: packed.saturating_sub(dead) + large_bytes + large_blobs * RECORD_HEADER_LEN,
             dead_bytes: dead,
         })
     }
@@ -574,16 +632,23 @@ impl Inner {
     }
 
     /// Stores hashed blobs in one batch (see [`Batch`]).
-    pub fn store_hashed(&self, items: &[Hashed<'_>]) -> Result<()> {
+    pub fn store_hashed(&self, items: &[Hashed<'_>], opts: &PutOptions) -> Result<()> {
         let mut batch = Batch::new(self);
+        batch.lease.clone_from(&opts.lease);
+        batch.require_children = opts.require_children;
         batch.add(items)?;
-        let missing = batch.commit()?;
-        self.store_missing(items, missing)
+        let missing = batch.commit()?.missing;
+        self.store_missing(items, missing, opts)
     }
 
     /// Stores again the blobs a batch found present at its existence check but gone by
     /// its commit (a collector deleted them in between), until none is missing.
-    fn store_missing(&self, items: &[Hashed<'_>], mut missing: Vec<Digest>) -> Result<()> {
+    pub fn store_missing(
+        &self,
+        items: &[Hashed<'_>],
+        mut missing: Vec<Digest>,
+        opts: &PutOptions,
+    ) -> Result<()> {
         for _ in 0..8 {
             if missing.is_empty() {
                 return Ok(());
@@ -595,8 +660,9 @@ impl Inner {
                 .map(Hashed::clone_ref)
                 .collect();
             let mut batch = Batch::new(self);
+            batch.lease.clone_from(&opts.lease);
             batch.add(&again)?;
-            missing = batch.commit()?;
+            missing = batch.commit()?.missing;
         }
         Err(Error::Corrupt(
             "blobs kept disappearing between existence check and commit".into(),
@@ -607,16 +673,14 @@ impl Inner {
     /// Returns whether it was new (false: the digest was stored meanwhile; the file was
     /// removed).
     pub fn commit_large(&self, it: &Hashed<'_>, size: u64, generation: u64) -> Result<bool> {
-        let mut nb = new_blob(it, Location::Large { generation });
+        let mut nb = new_blob(it, Location::Large { generation }, &Graph::default());
         nb.entry.size = size;
         nb.entry.stored_len = size;
         let path = self.files.large_path(&it.digest, generation);
-        match self.meta.submit(Op::Put {
+        match self.meta.submit(Op::Put(PutOp {
             blobs: vec![nb],
-            segments: Vec::new(),
-            touch: Vec::new(),
-            durable: None,
-        }) {
+            ..PutOp::default()
+        })) {
             Ok(o) if o.lost.is_empty() => Ok(true),
             Ok(_) => {
                 let _ = std::fs::remove_file(path);
@@ -645,6 +709,41 @@ pub(crate) struct Batch<'a> {
     /// Records were appended to the shard's active segment.
     appended: bool,
     committed: bool,
+    /// Names to set in the commit.
+    pub names: Vec<(String, Digest)>,
+    /// Lease taking every blob of the batch.
+    pub lease: Option<String>,
+    /// Refuse manifests whose children are absent.
+    pub require_children: bool,
+}
+
+/// The edges a blob adds (for manifests and indexes).
+#[derive(Default)]
+pub(crate) struct Graph {
+    kind: Option<Kind>,
+    children: Vec<Digest>,
+    subject: Option<Digest>,
+}
+
+impl Graph {
+    /// Parses a manifest or index; other kinds add no edges.
+    fn of(it: &Hashed<'_>) -> Result<Graph> {
+        if !matches!(it.kind, Kind::Manifest | Kind::Index) {
+            return Ok(Graph::default());
+        }
+        let p = crate::image::parse(it.data)?;
+        Ok(Graph {
+            kind: Some(p.kind),
+            children: p.edge_targets(),
+            subject: p.subject,
+        })
+    }
+}
+
+/// What a batch commit reports.
+pub(crate) struct Committed {
+    /// Blobs seen at the existence check but gone at commit.
+    pub missing: Vec<Digest>,
 }
 
 impl<'a> Batch<'a> {
@@ -659,6 +758,9 @@ impl<'a> Batch<'a> {
             large: Vec::new(),
             appended: false,
             committed: false,
+            names: Vec::new(),
+            lease: None,
+            require_children: false,
         }
     }
 
@@ -681,6 +783,14 @@ impl<'a> Batch<'a> {
                 }
             }
         }
+        // Parse manifests before writing anything: malformed JSON stores nothing.
+        let graphs: HashMap<Digest, Graph> = fresh
+            .iter()
+            .filter(|it| matches!(it.kind, Kind::Manifest | Kind::Index))
+            .map(|it| Ok((it.digest, Graph::of(it)?)))
+            .collect::<Result<_>>()?;
+        let none = Graph::default();
+        let graph = |d: &Digest| graphs.get(d).unwrap_or(&none);
         let (large, small): (Vec<&Hashed<'_>>, Vec<&Hashed<'_>>) = fresh
             .into_iter()
             .partition(|it| it.data.len() as u64 >= inner.opts.large_threshold);
@@ -709,8 +819,8 @@ impl<'a> Batch<'a> {
             match r {
                 Ok(g) => {
                     self.large.push((it.digest, g));
-                    self.new
-                        .push(new_blob(it, Location::Large { generation: g }));
+                    let location = Location::Large { generation: g };
+                    self.new.push(new_blob(it, location, graph(&it.digest)));
                 }
                 Err(e) => first_err = first_err.or(Some(e)),
             }
@@ -722,7 +832,7 @@ impl<'a> Batch<'a> {
                         segment: p.segment,
                         offset: p.offset,
                     };
-                    self.new.push(new_blob(it, location));
+                    self.new.push(new_blob(it, location, graph(&it.digest)));
                 }
                 self.segments.extend(a.updates);
             }
@@ -732,6 +842,32 @@ impl<'a> Batch<'a> {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Refreshes an existing blob in the commit (it is reported missing if it is gone by
+    /// then).
+    pub fn touch_existing(&mut self, d: Digest) {
+        if self.seen.insert(d) {
+            self.touch.push(d);
+        }
+    }
+
+    /// Adds a blob whose record file the caller already installed in `large/`. The file is
+    /// removed if the batch is dropped before its commit.
+    pub fn add_installed(&mut self, it: &Hashed<'_>, size: u64, location: Location) -> Result<()> {
+        let Location::Large { generation } = location else {
+            return Err(Error::Invalid("add_installed takes large blobs".into()));
+        };
+        if !self.seen.insert(it.digest) {
+            let _ = std::fs::remove_file(self.inner.files.large_path(&it.digest, generation));
+            return Ok(());
+        }
+        self.large.push((it.digest, generation));
+        let mut nb = new_blob(it, location, &Graph::of(it)?);
+        nb.entry.size = size;
+        nb.entry.stored_len = size;
+        self.new.push(nb);
+        Ok(())
+    }
+
     /// fsyncs the shard's active segment on another thread while the commit queue does
     /// the index work, and commits once the fsync is done. Returns the digests that were
     /// present at [`Batch::add`] but gone at the commit (see `Inner::store_missing`).
@@ -739,7 +875,7 @@ impl<'a> Batch<'a> {
     /// Once the commit is attempted, large files are no longer removed on failure: a
     /// failed commit may still have reached the disk, and an unindexed file is only an
     /// orphan for the collector, while a removed indexed one would be lost.
-    pub fn commit(mut self) -> Result<Vec<Digest>> {
+    pub fn commit(mut self) -> Result<Committed> {
         let inner = self.inner;
         let finish = match self.shard.as_deref_mut() {
             Some(w) => inner.files.finish_batch(w)?,
@@ -765,12 +901,15 @@ impl<'a> Batch<'a> {
                 });
                 barrier
             });
-            inner.meta.submit(Op::Put {
+            inner.meta.submit(Op::Put(PutOp {
                 blobs,
                 segments: segments.clone(),
                 touch: std::mem::take(&mut self.touch),
                 durable,
-            })
+                names: std::mem::take(&mut self.names),
+                lease: self.lease.take(),
+                require_children: self.require_children,
+            }))
         })?;
         if let Some(w) = self.shard.as_deref_mut() {
             inner.files.committed(w, &segments);
@@ -782,7 +921,9 @@ impl<'a> Batch<'a> {
                 let _ = std::fs::remove_file(inner.files.large_path(d, *generation));
             }
         }
-        Ok(committed.missing)
+        Ok(Committed {
+            missing: committed.missing,
+        })
     }
 }
 
@@ -804,14 +945,16 @@ impl Drop for Batch<'_> {
     }
 }
 
-fn new_blob(it: &Hashed<'_>, location: Location) -> NewBlob {
+fn new_blob(it: &Hashed<'_>, location: Location, graph: &Graph) -> NewBlob {
     let size = it.data.len() as u64;
     NewBlob {
         digest: it.digest,
+        children: graph.children.clone(),
+        subject: graph.subject,
         entry: BlobEntry {
             size,
             stored_len: size,
-            kind: it.kind,
+            kind: graph.kind.unwrap_or(it.kind),
             flags: 0,
             location,
             blake3: it.blake3,
@@ -914,10 +1057,13 @@ mod tests {
         batch.add(&items).unwrap();
         store.inner.meta.remove_for_test(&d).unwrap();
         assert!(!store.contains(&d).unwrap());
-        let missing = batch.commit().unwrap();
+        let missing = batch.commit().unwrap().missing;
         assert_eq!(missing, vec![d]);
 
-        store.inner.store_missing(&items, missing).unwrap();
+        store
+            .inner
+            .store_missing(&items, missing, &PutOptions::default())
+            .unwrap();
         assert_eq!(&*store.get(&d).unwrap(), &data[..]);
         assert_eq!(store.info().unwrap().blobs, 1);
     }

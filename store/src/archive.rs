@@ -1,0 +1,1205 @@
+//! Import and export of image archives: OCI image layouts (directories and tars), and
+//! `docker save` archives (the legacy `manifest.json` + `<id>/layer.tar` form and the
+//! Docker 25+ form with an OCI layout inside).
+//!
+//! This module owns the translation between archive formats and store content. Import is
+//! atomic: every blob is checked against its descriptor (digest and size) while it is
+//! staged, and the blobs, their edges and the names are made visible by one commit, so a
+//! malformed or lying archive commits nothing. Memory stays bounded: blobs stream through
+//! hashing into staging files; only small blobs (under the large threshold) are held in
+//! memory, up to a budget. Entry names in a tar are used only as keys, never as paths to
+//! write, so a hostile archive cannot write outside the store.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::digest::{Algorithm, Digest, DualHasher};
+use crate::error::{Error, IoContext, Result};
+use crate::format::{Kind, RECORD_HEADER_LEN, RecordHeader};
+use crate::image::{self, media};
+use crate::meta::Location;
+use crate::reference::Reference;
+use crate::store::{Batch, Hashed, Store};
+
+/// Largest JSON document (index, manifest, config, `manifest.json`) read into memory.
+const MAX_JSON: u64 = 64 << 20;
+/// Small blobs held in memory during one import, at most; beyond it they spill to files.
+const MEM_BUDGET: u64 = 256 << 20;
+/// Read size while streaming a blob.
+const CHUNK: usize = 1 << 20;
+
+/// Choices for an import.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct ImportOptions {
+    /// Names to give the imported image (requires the archive to hold exactly one).
+    pub tags: Vec<String>,
+    /// Repository for images whose archive name is a bare tag (`latest`): `REPO:latest`.
+    pub base_name: Option<String>,
+}
+
+/// One imported image.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ImportedImage {
+    /// Its manifest or index digest.
+    pub digest: Digest,
+    /// The names it now has (canonical form).
+    pub names: Vec<String>,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ImportOutcome {
+    /// The images, in archive order.
+    pub images: Vec<ImportedImage>,
+    /// Blobs in the archive that the images use.
+    pub blobs: u64,
+    /// Their total size.
+    pub bytes: u64,
+}
+
+/// A blob received from an archive, verified, waiting for the commit.
+struct Staged {
+    blake3: [u8; 32],
+    size: u64,
+    data: StagedData,
+}
+
+enum StagedData {
+    Mem(Vec<u8>),
+    /// A file with a record-header slot before the bytes (renamed into `large/` at commit
+    /// when large; read back when small).
+    File(PathBuf, File),
+}
+
+/// Staging area of one import: `ingest/import-<n>/`, removed when dropped.
+struct Stage<'s> {
+    store: &'s Store,
+    dir: PathBuf,
+    seq: u64,
+    mem: u64,
+    blobs: HashMap<Digest, Staged>,
+    /// Legacy docker archive: entry path -> digest of its content.
+    by_path: HashMap<String, Digest>,
+    /// Legacy docker archive: symlink entry path -> target path.
+    links: HashMap<String, String>,
+    /// Small JSON documents by entry path (`index.json`, `manifest.json`, `oci-layout`).
+    docs: HashMap<String, Vec<u8>>,
+    /// fsyncs staged files in the background while the archive is still being read.
+    syncer: Syncer,
+}
+
+/// A thread that fsyncs files as they are finished, so that the durability of a
+/// multi-layer import overlaps reading the next layers.
+struct Syncer {
+    tx: Option<std::sync::mpsc::Sender<(PathBuf, File)>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Syncer {
+    fn new() -> Syncer {
+        let (tx, rx) = std::sync::mpsc::channel::<(PathBuf, File)>();
+        let thread = std::thread::spawn(move || {
+            let mut first_err = Ok(());
+            for (p, f) in rx {
+                if first_err.is_ok() {
+                    first_err = f.sync_data().ctx("fsync", &p);
+                }
+            }
+            first_err
+        });
+        Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn send(&self, p: &Path, f: &File) -> Result<()> {
+        let dup = f.try_clone().ctx("dup", p)?;
+        if let Some(tx) = &self.tx {
+            let _ = tx.send((p.to_owned(), dup));
+        }
+        Ok(())
+    }
+
+    /// Waits for every fsync sent so far; the first failure is returned.
+    fn wait(&mut self) -> Result<()> {
+        self.tx = None;
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(Error::Corrupt("fsync thread panicked".into()))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        let _ = self.wait();
+    }
+}
+
+impl Drop for Stage<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl<'s> Stage<'s> {
+    fn new(store: &'s Store) -> Result<Stage<'s>> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = store
+            .root()
+            .join("ingest")
+            .join("tmp")
+            .join(format!("import-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        Ok(Stage {
+            store,
+            dir,
+            seq: 0,
+            mem: 0,
+            blobs: HashMap::new(),
+            by_path: HashMap::new(),
+            links: HashMap::new(),
+            docs: HashMap::new(),
+            syncer: Syncer::new(),
+        })
+    }
+
+    /// Streams one blob from `r` (of `size` bytes, when known), hashing with `alg`.
+    /// Returns its digest and size; identical content is staged once.
+    fn stage(
+        &mut self,
+        r: &mut dyn Read,
+        size: Option<u64>,
+        alg: Algorithm,
+    ) -> Result<(Digest, u64)> {
+        let threshold = self.store.inner.opts.large_threshold;
+        let in_mem = size.is_some_and(|s| s < threshold && self.mem + s <= MEM_BUDGET);
+        let mut h = DualHasher::new(alg);
+        let mut buf = vec![0u8; CHUNK];
+        let data = if in_mem {
+            let mut v = Vec::with_capacity(size.unwrap_or(0) as usize);
+            loop {
+                let n = read_some(r, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                v.extend_from_slice(&buf[..n]);
+            }
+            self.mem += v.len() as u64;
+            StagedData::Mem(v)
+        } else {
+            self.seq += 1;
+            let path = self.dir.join(format!("blob-{}", self.seq));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .ctx("create", &path)?;
+            // Pipelined: while chunk k is hashed (sha256 on one core, blake3 and the write
+            // on the other), this thread reads chunk k+1.
+            let mut at = RECORD_HEADER_LEN;
+            let mut next = vec![0u8; CHUNK];
+            let mut n = read_full(r, &mut buf)?;
+            while n > 0 {
+                let (chunk, spare, file) = (&buf[..n], &mut next, &f);
+                let (written, m) = h.update_overlapped(
+                    chunk,
+                    || file.write_all_at(chunk, at),
+                    || read_full(r, spare),
+                );
+                written.ctx("write", &path)?;
+                at += n as u64;
+                n = m?;
+                std::mem::swap(&mut buf, &mut next);
+            }
+            // Start making it durable now; the commit waits for all of them.
+            self.syncer.send(&path, &f)?;
+            StagedData::File(path, f)
+        };
+        let len = h.len();
+        if let Some(s) = size
+            && s != len
+        {
+            return Err(Error::Archive(format!(
+                "entry is {len} bytes, but its header says {s}"
+            )));
+        }
+        let (digest, blake3) = h.finish();
+        if let StagedData::File(p, _) = &data
+            && self.blobs.contains_key(&digest)
+        {
+            let _ = std::fs::remove_file(p);
+        } else {
+            self.blobs.entry(digest).or_insert(Staged {
+                blake3,
+                size: len,
+                data,
+            });
+        }
+        Ok((digest, len))
+    }
+
+    /// The bytes of a small staged blob.
+    fn bytes(&self, d: &Digest) -> Result<Vec<u8>> {
+        let s = self
+            .blobs
+            .get(d)
+            .ok_or_else(|| Error::Archive(format!("blob {d} is not in the archive")))?;
+        if s.size > MAX_JSON {
+            return Err(Error::Archive(format!(
+                "{d} is {} bytes, too large for a JSON document",
+                s.size
+            )));
+        }
+        match &s.data {
+            StagedData::Mem(v) => Ok(v.clone()),
+            StagedData::File(p, f) => {
+                let mut v = vec![0u8; s.size as usize];
+                f.read_exact_at(&mut v, RECORD_HEADER_LEN).ctx("read", p)?;
+                Ok(v)
+            }
+        }
+    }
+
+    /// Checks a descriptor against the staged blob it names.
+    fn check(&self, d: &Digest, size: u64, what: &str) -> Result<()> {
+        match self.blobs.get(d) {
+            None => Err(Error::Archive(format!(
+                "{what} {d} is listed but not in the archive"
+            ))),
+            Some(s) if s.size != size => Err(Error::Archive(format!(
+                "{what} {d} is {} bytes, but its descriptor says {size}",
+                s.size
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Reads one tar stream into the stage.
+    fn read_tar(&mut self, r: impl Read) -> Result<()> {
+        let mut ar = tar::Archive::new(r);
+        let entries = ar.entries().map_err(|e| tar_err(&e))?;
+        for e in entries {
+            let mut e = e.map_err(|e| tar_err(&e))?;
+            let path = e.path().map_err(|e| tar_err(&e))?;
+            let path = normalize(&path.to_string_lossy())?;
+            let ty = e.header().entry_type();
+            if ty.is_symlink() || ty.is_hard_link() {
+                if let Some(target) = e.link_name().map_err(|e| tar_err(&e))? {
+                    let t = target.to_string_lossy().into_owned();
+                    let t = if ty.is_symlink() {
+                        resolve_link(&path, &t)?
+                    } else {
+                        normalize(&t)?
+                    };
+                    self.links.insert(path, t);
+                }
+                continue;
+            }
+            if !ty.is_file() {
+                continue;
+            }
+            let size = e.size();
+            match path.as_str() {
+                "oci-layout" | "index.json" | "manifest.json" | "repositories" => {
+                    if size > MAX_JSON {
+                        return Err(Error::Archive(format!("{path} is {size} bytes")));
+                    }
+                    let mut v = Vec::with_capacity(size as usize);
+                    e.read_to_end(&mut v).map_err(|e| tar_err(&e))?;
+                    self.docs.insert(path, v);
+                }
+                p => {
+                    let named = blob_path_digest(p);
+                    let alg = named.map_or(Algorithm::Sha256, |d| d.algorithm());
+                    let (d, _) = self.stage(&mut e, Some(size), alg)?;
+                    if let Some(want) = named
+                        && want != d
+                    {
+                        return Err(Error::Archive(format!(
+                            "{p} holds content with digest {d}, but its name says {want}"
+                        )));
+                    }
+                    self.by_path.insert(path, d);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows symlinks between entries (legacy docker archives link duplicate layers).
+    fn path_digest(&self, path: &str) -> Result<Digest> {
+        let mut p = normalize(path)?;
+        for _ in 0..16 {
+            if let Some(d) = self.by_path.get(&p) {
+                return Ok(*d);
+            }
+            match self.links.get(&p) {
+                Some(t) => p.clone_from(t),
+                None => break,
+            }
+        }
+        Err(Error::Archive(format!("{path} is not in the archive")))
+    }
+}
+
+/// Fills `buf` unless the stream ends first; returns the bytes read.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let m = read_some(r, &mut buf[n..])?;
+        if m == 0 {
+            break;
+        }
+        n += m;
+    }
+    Ok(n)
+}
+
+fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> Result<usize> {
+    loop {
+        match r.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(tar_err(&e)),
+        }
+    }
+}
+
+fn tar_err(e: &std::io::Error) -> Error {
+    Error::Archive(format!("reading the archive: {e}"))
+}
+
+/// Normalises an entry path (`./a//b` -> `a/b`); refuses absolute paths and `..`.
+fn normalize(p: &str) -> Result<String> {
+    let mut out: Vec<&str> = Vec::new();
+    if p.starts_with('/') {
+        return Err(Error::Archive(format!("absolute path {p:?} in archive")));
+    }
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(Error::Archive(format!("path {p:?} leaves the archive"))),
+            c => out.push(c),
+        }
+    }
+    Ok(out.join("/"))
+}
+
+/// The target of a symlink entry at `from`, as an archive path.
+fn resolve_link(from: &str, target: &str) -> Result<String> {
+    if target.starts_with('/') {
+        return Err(Error::Archive(format!(
+            "symlink {from:?} points outside the archive"
+        )));
+    }
+    let mut parts: Vec<&str> = from.split('/').collect();
+    parts.pop();
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err(Error::Archive(format!(
+                        "symlink {from:?} points outside the archive"
+                    )));
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// `blobs/<alg>/<hex>` -> the digest its name promises.
+fn blob_path_digest(p: &str) -> Option<Digest> {
+    let rest = p.strip_prefix("blobs/")?;
+    let (alg, hex) = rest.split_once('/')?;
+    Digest::parse(&format!("{alg}:{hex}")).ok()
+}
+
+/// An image found in an archive: its top digest, the names the archive gives it.
+struct Found {
+    digest: Digest,
+    names: Vec<String>,
+    /// Bare tags (`latest`) that need a base name.
+    bare: Vec<String>,
+}
+
+impl Store {
+    /// Imports an OCI layout directory, or a tar file (OCI archive or `docker save`).
+    pub fn import_path(&self, path: &Path, opts: &ImportOptions) -> Result<ImportOutcome> {
+        let meta = std::fs::metadata(path).ctx("stat", path)?;
+        if meta.is_dir() {
+            return self.import_dir(path, opts);
+        }
+        let f = File::open(path).ctx("open", path)?;
+        self.import_tar(std::io::BufReader::with_capacity(CHUNK, f), opts)
+    }
+
+    /// Imports a tar stream (OCI archive or `docker save`, as written by skopeo, umoci,
+    /// Docker or `store export`).
+    pub fn import_tar(&self, r: impl Read, opts: &ImportOptions) -> Result<ImportOutcome> {
+        let mut st = Stage::new(self)?;
+        st.read_tar(r)?;
+        self.finish_import(st, opts)
+    }
+
+    /// Imports an OCI image layout directory. Only blobs that the index reaches are read;
+    /// each must be a regular file (a symlink is refused).
+    pub fn import_dir(&self, dir: &Path, opts: &ImportOptions) -> Result<ImportOutcome> {
+        let mut st = Stage::new(self)?;
+        for doc in ["oci-layout", "index.json", "manifest.json"] {
+            let p = dir.join(doc);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_file() && m.len() <= MAX_JSON => {
+                    st.docs
+                        .insert(doc.to_owned(), std::fs::read(&p).ctx("read", &p)?);
+                }
+                Ok(_) => {
+                    return Err(Error::Archive(format!(
+                        "{} is not a regular file",
+                        p.display()
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("stat", &p, e)),
+            }
+        }
+        if !st.docs.contains_key("index.json") {
+            return Err(Error::Archive(format!(
+                "{} is not an OCI image layout (no index.json)",
+                dir.display()
+            )));
+        }
+        // Walk the graph, staging each blob as it is needed (JSON first, to find the rest).
+        let index = st.docs["index.json"].clone();
+        let mut queue: Vec<(Digest, u64, Kind)> = image::parse(&index)?
+            .children
+            .iter()
+            .map(|c| (c.digest, c.size, c.kind))
+            .collect();
+        let mut seen = HashSet::new();
+        let mut layers = Vec::new();
+        while let Some((d, size, kind)) = queue.pop() {
+            if !seen.insert(d) {
+                continue;
+            }
+            if matches!(kind, Kind::Layer) {
+                layers.push((d, size));
+                continue;
+            }
+            stage_file(&mut st, dir, &d, size)?;
+            if matches!(kind, Kind::Manifest | Kind::Index) {
+                let p = image::parse(&st.bytes(&d)?)?;
+                for c in &p.children {
+                    queue.push((c.digest, c.size, c.kind));
+                }
+            }
+        }
+        // Layers are the bulk: read them in parallel.
+        let staged: Vec<Result<Stage1>> = {
+            use rayon::prelude::*;
+            layers
+                .par_iter()
+                .map(|(d, size)| stage_layer_file(self, &st.dir, dir, d, *size))
+                .collect()
+        };
+        for s in staged {
+            let s = s?;
+            if let Some((p, _)) = st.blobs.get(&s.digest).and(s.path.as_ref()) {
+                let _ = std::fs::remove_file(p);
+            } else if let Some((p, f)) = s.path {
+                st.blobs.insert(
+                    s.digest,
+                    Staged {
+                        blake3: s.blake3,
+                        size: s.size,
+                        data: StagedData::File(p, f),
+                    },
+                );
+            }
+        }
+        self.finish_import(st, opts)
+    }
+
+    /// Interprets the staged archive, checks every descriptor, and commits blobs, edges
+    /// and names in one transaction.
+    fn finish_import(&self, mut st: Stage<'_>, opts: &ImportOptions) -> Result<ImportOutcome> {
+        let mut kinds: HashMap<Digest, Kind> = HashMap::new();
+        let mut found = Vec::new();
+        let mut generated: Vec<Vec<u8>> = Vec::new();
+        if let Some(index) = st.docs.get("index.json").cloned() {
+            if let Some(layout) = st.docs.get("oci-layout") {
+                check_layout(layout)?;
+            }
+            let idx = image::parse(&index)?;
+            if idx.kind != Kind::Index {
+                return Err(Error::Archive("index.json is not an image index".into()));
+            }
+            let repo_tags = docker_repo_tags(&st)?;
+            for (c, (ref_name, containerd_name)) in idx.children.iter().zip(&idx.ref_names) {
+                st.check(&c.digest, c.size, "manifest")?;
+                let mut f = Found {
+                    digest: c.digest,
+                    names: Vec::new(),
+                    bare: Vec::new(),
+                };
+                if let Some(n) = containerd_name {
+                    f.names.push(n.clone());
+                } else if let Some(n) = ref_name {
+                    if n.contains('/') || n.contains(':') || n.contains('@') {
+                        f.names.push(n.clone());
+                    } else {
+                        f.bare.push(n.clone());
+                    }
+                }
+                found.push(f);
+            }
+            // Walk and check everything the index reaches.
+            let mut queue: Vec<(Digest, Kind)> =
+                idx.children.iter().map(|c| (c.digest, c.kind)).collect();
+            while let Some((d, kind_hint)) = queue.pop() {
+                if kinds.contains_key(&d) {
+                    continue;
+                }
+                let bytes = st.bytes(&d)?;
+                let p = image::parse(&bytes)
+                    .map_err(|e| Error::Archive(format!("{d} ({}): {e}", kind_hint.name())))?;
+                kinds.insert(d, p.kind);
+                for c in &p.children {
+                    if c.media_type == media::DOCKER_FOREIGN_LAYER
+                        && !st.blobs.contains_key(&c.digest)
+                    {
+                        continue;
+                    }
+                    st.check(&c.digest, c.size, c.kind.name())?;
+                    match c.kind {
+                        Kind::Manifest | Kind::Index => queue.push((c.digest, c.kind)),
+                        k => {
+                            kinds.entry(c.digest).or_insert(k);
+                        }
+                    }
+                }
+                if p.kind == Kind::Manifest
+                    && let Some(cfg) = p.config()
+                    && let Some(tags) = repo_tags.get(&cfg.digest)
+                {
+                    for f in found
+                        .iter_mut()
+                        .filter(|f| f.digest == d && f.names.is_empty())
+                    {
+                        f.names.extend(tags.iter().cloned());
+                    }
+                }
+            }
+        } else if let Some(mj) = st.docs.get("manifest.json").cloned() {
+            // Legacy `docker save`: write an OCI manifest for each image.
+            for entry in parse_docker_manifest(&mj)? {
+                let config = st.path_digest(&entry.config)?;
+                let config_size = st.blobs[&config].size;
+                kinds.insert(config, Kind::Config);
+                let mut layers = Vec::new();
+                for l in &entry.layers {
+                    let d = st.path_digest(l)?;
+                    let size = st.blobs[&d].size;
+                    kinds.insert(d, Kind::Layer);
+                    layers.push(serde_json::json!({
+                        "mediaType": layer_media_type(&st.bytes_prefix(&d)?),
+                        "digest": d.to_string(),
+                        "size": size,
+                    }));
+                }
+                let manifest = serde_json::json!({
+                    "schemaVersion": 2,
+                    "mediaType": media::OCI_MANIFEST,
+                    "config": {
+                        "mediaType": media::OCI_CONFIG,
+                        "digest": config.to_string(),
+                        "size": config_size,
+                    },
+                    "layers": layers,
+                });
+                let bytes = serde_json::to_vec_pretty(&manifest)
+                    .map_err(|e| Error::Archive(e.to_string()))?;
+                let (d, _) = st.stage(
+                    &mut bytes.as_slice(),
+                    Some(bytes.len() as u64),
+                    Algorithm::Sha256,
+                )?;
+                kinds.insert(d, Kind::Manifest);
+                generated.push(bytes);
+                found.push(Found {
+                    digest: d,
+                    names: entry.repo_tags.clone(),
+                    bare: Vec::new(),
+                });
+            }
+        } else {
+            return Err(Error::Archive(
+                "neither an OCI layout (index.json) nor a docker archive (manifest.json)".into(),
+            ));
+        }
+        if found.is_empty() {
+            return Err(Error::Archive("the archive holds no image".into()));
+        }
+
+        // Names: the archive's, or --tag, or base name + bare tag.
+        let mut names: Vec<(String, Digest)> = Vec::new();
+        let mut images = Vec::new();
+        if !opts.tags.is_empty() {
+            let tops: HashSet<Digest> = found.iter().map(|f| f.digest).collect();
+            if tops.len() != 1 {
+                return Err(Error::Invalid(format!(
+                    "--tag needs an archive with one image; this one has {}",
+                    tops.len()
+                )));
+            }
+        }
+        for f in &found {
+            let mut these = Vec::new();
+            for n in &f.names {
+                these.push(Reference::parse(n)?.canonical());
+            }
+            for t in &f.bare {
+                if let Some(base) = &opts.base_name {
+                    these.push(Reference::parse(base)?.with_tag(t)?.canonical());
+                }
+            }
+            for t in &opts.tags {
+                these.push(Reference::parse(t)?.canonical());
+            }
+            these.sort();
+            these.dedup();
+            if these.is_empty() {
+                let hint = if f.bare.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (its archive name is the bare tag {:?}: pass --base-name REPO)",
+                        f.bare[0]
+                    )
+                };
+                return Err(Error::Invalid(format!(
+                    "image {} in the archive has no name{hint}; pass --tag NAME",
+                    f.digest
+                )));
+            }
+            names.extend(these.iter().map(|n| (n.clone(), f.digest)));
+            match images
+                .iter_mut()
+                .find(|i: &&mut ImportedImage| i.digest == f.digest)
+            {
+                Some(i) => i.names.extend(these),
+                None => images.push(ImportedImage {
+                    digest: f.digest,
+                    names: these,
+                }),
+            }
+        }
+
+        // Commit: only what the images use, in one batch.
+        let mut outcome = ImportOutcome {
+            images,
+            ..ImportOutcome::default()
+        };
+        let mut batch = Batch::new(&self.inner);
+        batch.names = names;
+        st.syncer.wait()?;
+        let mut small: Vec<(Digest, Vec<u8>, [u8; 32], Kind)> = Vec::new();
+        let mut large: Vec<LargeStaged<'_>> = Vec::new();
+        let threshold = self.inner.opts.large_threshold;
+        let mut ordered: Vec<&Digest> = kinds.keys().collect();
+        ordered.sort();
+        for d in ordered {
+            let s = &st.blobs[d];
+            let kind = kinds[d];
+            outcome.blobs += 1;
+            outcome.bytes += s.size;
+            if self.contains(d)? {
+                // Refreshed in the commit, like any put of existing content.
+                batch.touch_existing(*d);
+                continue;
+            }
+            match &s.data {
+                StagedData::File(p, f)
+                    if s.size >= threshold && !matches!(kind, Kind::Manifest | Kind::Index) =>
+                {
+                    let header = RecordHeader {
+                        digest: *d,
+                        kind,
+                        flags: 0,
+                        stored_len: s.size,
+                        raw_len: s.size,
+                        blake3: s.blake3,
+                    };
+                    f.write_all_at(&header.encode(), 0).ctx("write", p)?;
+                    large.push((p, f, *d, s.blake3, s.size, kind));
+                }
+                _ => small.push((*d, st.bytes_any(d)?, s.blake3, kind)),
+            }
+        }
+        let to_install: Vec<(&Path, &File, Digest)> =
+            large.iter().map(|(p, f, d, ..)| (*p, *f, *d)).collect();
+        let gens = self.inner.files.install_many(&to_install)?;
+        for ((_, _, d, blake3, size, kind), generation) in large.iter().zip(gens) {
+            let it = Hashed {
+                data: &[],
+                digest: *d,
+                blake3: *blake3,
+                kind: *kind,
+            };
+            batch.add_installed(&it, *size, Location::Large { generation })?;
+        }
+        let items: Vec<Hashed<'_>> = small
+            .iter()
+            .map(|(d, data, b3, kind)| Hashed {
+                data,
+                digest: *d,
+                blake3: *b3,
+                kind: *kind,
+            })
+            .collect();
+        batch.add(&items)?;
+        let committed = batch.commit()?;
+        if !committed.missing.is_empty() {
+            return Err(Error::Archive(
+                "content vanished during the import; run it again".into(),
+            ));
+        }
+        drop(generated);
+        Ok(outcome)
+    }
+}
+
+/// A large staged file ready to install: path, file, digest, blake3, size, kind.
+type LargeStaged<'a> = (&'a Path, &'a File, Digest, [u8; 32], u64, Kind);
+
+/// Staging result of one layer file read on a worker.
+struct Stage1 {
+    digest: Digest,
+    blake3: [u8; 32],
+    size: u64,
+    path: Option<(PathBuf, File)>,
+}
+
+fn layout_blob_path(dir: &Path, d: &Digest) -> PathBuf {
+    dir.join("blobs").join(d.algorithm().name()).join(d.hex())
+}
+
+fn open_layout_blob(dir: &Path, d: &Digest) -> Result<(PathBuf, File, u64)> {
+    let p = layout_blob_path(dir, d);
+    let m = std::fs::symlink_metadata(&p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            Error::Archive(format!("blob {d} is listed but not in the layout"))
+        }
+        _ => Error::io("stat", &p, e),
+    })?;
+    if !m.is_file() {
+        return Err(Error::Archive(format!(
+            "{} is not a regular file",
+            p.display()
+        )));
+    }
+    let f = File::open(&p).ctx("open", &p)?;
+    Ok((p, f, m.len()))
+}
+
+/// Stages a (small, JSON) blob of a layout directory through the stage.
+fn stage_file(st: &mut Stage<'_>, dir: &Path, d: &Digest, size: u64) -> Result<()> {
+    if st.blobs.contains_key(d) {
+        return Ok(());
+    }
+    let (p, mut f, len) = open_layout_blob(dir, d)?;
+    if len != size {
+        return Err(Error::Archive(format!(
+            "{} is {len} bytes, but its descriptor says {size}",
+            p.display()
+        )));
+    }
+    let (got, _) = st.stage(&mut f, Some(len), d.algorithm())?;
+    if got != *d {
+        return Err(Error::DigestMismatch {
+            expected: *d,
+            actual: got,
+        });
+    }
+    Ok(())
+}
+
+/// Reads, hashes and stages one layer of a layout directory into a staging file (on a
+/// worker thread; the caller merges the results).
+fn stage_layer_file(
+    store: &Store,
+    stage_dir: &Path,
+    dir: &Path,
+    d: &Digest,
+    size: u64,
+) -> Result<Stage1> {
+    let (p, mut f, len) = open_layout_blob(dir, d)?;
+    if len != size {
+        return Err(Error::Archive(format!(
+            "{} is {len} bytes, but its descriptor says {size}",
+            p.display()
+        )));
+    }
+    let tmp = stage_dir.join(format!("layer-{}", d.hex()));
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .ctx("create", &tmp)?;
+    let mut h = DualHasher::new(d.algorithm());
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = RECORD_HEADER_LEN;
+    loop {
+        let n = f.read(&mut buf).ctx("read", &p)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        out.write_all_at(&buf[..n], at).ctx("write", &tmp)?;
+        at += n as u64;
+    }
+    let _ = store;
+    let (got, blake3) = h.finish();
+    if got != *d {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::DigestMismatch {
+            expected: *d,
+            actual: got,
+        });
+    }
+    Ok(Stage1 {
+        digest: got,
+        blake3,
+        size: len,
+        path: Some((tmp, out)),
+    })
+}
+
+impl Stage<'_> {
+    /// The bytes of any staged blob (small enough to append to a pack).
+    fn bytes_any(&self, d: &Digest) -> Result<Vec<u8>> {
+        let s = &self.blobs[d];
+        match &s.data {
+            StagedData::Mem(v) => Ok(v.clone()),
+            StagedData::File(p, f) => {
+                let mut v = vec![0u8; s.size as usize];
+                f.read_exact_at(&mut v, RECORD_HEADER_LEN).ctx("read", p)?;
+                Ok(v)
+            }
+        }
+    }
+
+    /// The first bytes of a staged blob (to sniff compression).
+    fn bytes_prefix(&self, d: &Digest) -> Result<Vec<u8>> {
+        let s = &self.blobs[d];
+        let n = s.size.min(8) as usize;
+        match &s.data {
+            StagedData::Mem(v) => Ok(v[..n].to_vec()),
+            StagedData::File(p, f) => {
+                let mut v = vec![0u8; n];
+                f.read_exact_at(&mut v, RECORD_HEADER_LEN).ctx("read", p)?;
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// The media type of a layer from its first bytes.
+fn layer_media_type(prefix: &[u8]) -> &'static str {
+    if prefix.starts_with(&[0x1f, 0x8b]) {
+        media::OCI_LAYER_GZIP
+    } else if prefix.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        media::OCI_LAYER_ZSTD
+    } else {
+        media::OCI_LAYER
+    }
+}
+
+fn check_layout(bytes: &[u8]) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Layout {
+        #[serde(rename = "imageLayoutVersion")]
+        version: String,
+    }
+    let l: Layout =
+        serde_json::from_slice(bytes).map_err(|e| Error::Archive(format!("oci-layout: {e}")))?;
+    if !l.version.starts_with("1.") {
+        return Err(Error::Archive(format!(
+            "unsupported image layout version {}",
+            l.version
+        )));
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct DockerEntry {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags", default)]
+    repo_tags: Vec<String>,
+    #[serde(rename = "Layers", default)]
+    layers: Vec<String>,
+}
+
+fn parse_docker_manifest(bytes: &[u8]) -> Result<Vec<DockerEntry>> {
+    // Seen in the wild: `null` instead of an array.
+    let v: Option<Vec<Option<DockerEntry>>> =
+        serde_json::from_slice(bytes).map_err(|e| Error::Archive(format!("manifest.json: {e}")))?;
+    Ok(v.unwrap_or_default().into_iter().flatten().collect())
+}
+
+/// Docker 25+ archives: `manifest.json` `RepoTags` by config digest.
+fn docker_repo_tags(st: &Stage<'_>) -> Result<HashMap<Digest, Vec<String>>> {
+    let mut out: HashMap<Digest, Vec<String>> = HashMap::new();
+    if let Some(mj) = st.docs.get("manifest.json") {
+        for e in parse_docker_manifest(mj)? {
+            if let Ok(d) = st.path_digest(&e.config) {
+                out.entry(d).or_default().extend(e.repo_tags);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Archive formats `store export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// An OCI image layout in a tar (what `skopeo copy oci-archive:` reads).
+    Oci,
+    /// A `docker save` archive: an OCI layout plus `manifest.json` (the Docker 25+ form).
+    Docker,
+    /// An OCI image layout directory.
+    OciDir,
+}
+
+/// One image chosen for export.
+struct Chosen {
+    reference: Option<Reference>,
+    digest: Digest,
+}
+
+impl Store {
+    fn choose(&self, refs: &[String]) -> Result<Vec<Chosen>> {
+        refs.iter()
+            .map(|r| {
+                let digest = self.resolve(r)?;
+                let reference = if Digest::parse(r).is_ok() {
+                    None
+                } else {
+                    Some(Reference::parse(r)?)
+                };
+                Ok(Chosen { reference, digest })
+            })
+            .collect()
+    }
+
+    /// Every blob reachable from `roots`, parents before children, each once.
+    fn reachable(&self, roots: &[Digest]) -> Result<Vec<Digest>> {
+        let txn = self.inner.meta.read()?;
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        let mut queue: Vec<Digest> = roots.to_vec();
+        while let Some(d) = queue.pop() {
+            if !seen.insert(d) {
+                continue;
+            }
+            if crate::meta::Meta::entry(&txn, &d)?.is_none() {
+                return Err(Error::MissingChildren {
+                    parent: roots[0],
+                    missing: vec![d],
+                });
+            }
+            out.push(d);
+            queue.extend(crate::meta::Meta::children(&txn, &d)?);
+        }
+        Ok(out)
+    }
+
+    /// The index.json and the blob list for an export.
+    fn export_plan(&self, refs: &[String]) -> Result<(Vec<u8>, Vec<Digest>, Vec<Chosen>)> {
+        let chosen = self.choose(refs)?;
+        let mut manifests = Vec::new();
+        for c in &chosen {
+            let info = self.stat(&c.digest)?.ok_or(Error::NotFound(c.digest))?;
+            let blob = self.get(&c.digest)?;
+            let media_type = match serde_json::from_slice::<serde_json::Value>(&blob)
+                .ok()
+                .and_then(|v| {
+                    v.get("mediaType")
+                        .and_then(|m| m.as_str().map(str::to_owned))
+                }) {
+                Some(m) => m,
+                None if info.kind == Kind::Index => media::OCI_INDEX.to_owned(),
+                None => media::OCI_MANIFEST.to_owned(),
+            };
+            let mut desc = serde_json::json!({
+                "mediaType": media_type,
+                "digest": c.digest.to_string(),
+                "size": info.size,
+            });
+            if let Some(r) = &c.reference {
+                let mut ann = serde_json::Map::new();
+                ann.insert("io.containerd.image.name".into(), r.canonical().into());
+                if let Some(t) = r.tag() {
+                    ann.insert("org.opencontainers.image.ref.name".into(), t.into());
+                }
+                desc["annotations"] = ann.into();
+            }
+            manifests.push(desc);
+        }
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media::OCI_INDEX,
+            "manifests": manifests,
+        });
+        let index = serde_json::to_vec(&index).map_err(|e| Error::Archive(e.to_string()))?;
+        let roots: Vec<Digest> = chosen.iter().map(|c| c.digest).collect();
+        let blobs = self.reachable(&roots)?;
+        Ok((index, blobs, chosen))
+    }
+
+    /// Writes the images named by `refs` as an archive to `out` (byte-exact blobs).
+    pub fn export(&self, refs: &[String], format: ExportFormat, out: impl Write) -> Result<()> {
+        let (index, blobs, chosen) = self.export_plan(refs)?;
+        let mut tar = tar::Builder::new(out);
+        let io = |e: std::io::Error| Error::io("write", "archive", e);
+        append(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
+        let mut dirs = BTreeSet::new();
+        for d in &blobs {
+            let dir = format!("blobs/{}/", d.algorithm().name());
+            if dirs.insert(dir.clone()) {
+                append_dir(&mut tar, &dir).map_err(io)?;
+            }
+            let blob = self.get(d)?;
+            append(&mut tar, &format!("{dir}{}", d.hex()), &blob).map_err(io)?;
+        }
+        append(&mut tar, "index.json", &index).map_err(io)?;
+        if format == ExportFormat::Docker {
+            let mut entries = Vec::new();
+            for c in &chosen {
+                let m = self.get(&c.digest)?;
+                let p = image::parse(&m)?;
+                if p.kind != Kind::Manifest {
+                    return Err(Error::Invalid(format!(
+                        "{} is an index; the docker format holds single-platform images \
+                         (export the platform's manifest digest)",
+                        c.digest
+                    )));
+                }
+                let path = |d: &Digest| format!("blobs/{}/{}", d.algorithm().name(), d.hex());
+                entries.push(serde_json::json!({
+                    "Config": path(&p.config().ok_or_else(|| Error::Corrupt("manifest without config".into()))?.digest),
+                    "RepoTags": c.reference.iter().filter(|r| r.tag().is_some()).map(Reference::familiar).collect::<Vec<_>>(),
+                    "Layers": p.layers().iter().map(|l| path(&l.digest)).collect::<Vec<_>>(),
+                }));
+            }
+            let mj = serde_json::to_vec(&entries).map_err(|e| Error::Archive(e.to_string()))?;
+            append(&mut tar, "manifest.json", &mj).map_err(io)?;
+        }
+        tar.into_inner().map_err(io)?.flush().map_err(io)
+    }
+
+    /// Writes the images named by `refs` as an OCI image layout directory `dir` (created;
+    /// it must not exist or be empty).
+    pub fn export_dir(&self, refs: &[String], dir: &Path) -> Result<()> {
+        if dir.exists() && std::fs::read_dir(dir).ctx("list", dir)?.next().is_some() {
+            return Err(Error::Invalid(format!("{} is not empty", dir.display())));
+        }
+        let (index, blobs, _) = self.export_plan(refs)?;
+        std::fs::create_dir_all(dir).ctx("create directory", dir)?;
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .ctx("write", &dir.join("oci-layout"))?;
+        for d in &blobs {
+            let bdir = dir.join("blobs").join(d.algorithm().name());
+            std::fs::create_dir_all(&bdir).ctx("create directory", &bdir)?;
+            let p = bdir.join(d.hex());
+            std::fs::write(&p, &*self.get(d)?).ctx("write", &p)?;
+        }
+        std::fs::write(dir.join("index.json"), &index).ctx("write", &dir.join("index.json"))?;
+        Ok(())
+    }
+}
+
+fn header(size: u64, ty: tar::EntryType, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(size);
+    h.set_entry_type(ty);
+    h.set_mode(mode);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h
+}
+
+fn append<W: Write>(tar: &mut tar::Builder<W>, path: &str, data: &[u8]) -> std::io::Result<()> {
+    let mut h = header(data.len() as u64, tar::EntryType::Regular, 0o644);
+    tar.append_data(&mut h, path, data)
+}
+
+fn append_dir<W: Write>(tar: &mut tar::Builder<W>, path: &str) -> std::io::Result<()> {
+    let mut h = header(0, tar::EntryType::Directory, 0o755);
+    tar.append_data(&mut h, path, std::io::empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalised_and_confined() {
+        assert_eq!(normalize("./blobs//sha256/ab").unwrap(), "blobs/sha256/ab");
+        assert!(normalize("/etc/passwd").is_err());
+        assert!(normalize("a/../../x").is_err());
+        assert_eq!(
+            resolve_link("a/layer.tar", "../b/layer.tar").unwrap(),
+            "b/layer.tar"
+        );
+        assert!(resolve_link("a/layer.tar", "../../x").is_err());
+        assert!(resolve_link("a/layer.tar", "/x").is_err());
+    }
+
+    #[test]
+    fn blob_paths_name_digests() {
+        let hex = "a".repeat(64);
+        assert_eq!(
+            blob_path_digest(&format!("blobs/sha256/{hex}"))
+                .unwrap()
+                .hex(),
+            hex
+        );
+        assert!(blob_path_digest("blobs/sha256/zz").is_none());
+        assert!(blob_path_digest("other/sha256/aa").is_none());
+    }
+
+    #[test]
+    fn docker_manifest_null_is_empty() {
+        assert!(parse_docker_manifest(b"null").unwrap().is_empty());
+        assert!(parse_docker_manifest(b"[null]").unwrap().is_empty());
+        assert!(parse_docker_manifest(b"{").is_err());
+    }
+
+    #[test]
+    fn layer_types_by_magic() {
+        assert_eq!(layer_media_type(&[0x1f, 0x8b, 8]), media::OCI_LAYER_GZIP);
+        assert_eq!(
+            layer_media_type(&[0x28, 0xb5, 0x2f, 0xfd]),
+            media::OCI_LAYER_ZSTD
+        );
+        assert_eq!(layer_media_type(b"ustar"), media::OCI_LAYER);
+    }
+}
