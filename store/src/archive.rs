@@ -27,7 +27,8 @@ use crate::store::{Batch, Hashed, Store};
 /// Largest JSON document (index, manifest, config, `manifest.json`) read into memory.
 const MAX_JSON: u64 = 64 << 20;
 /// Small blobs held in memory during one import, at most; beyond it they spill to files.
-const MEM_BUDGET: u64 = 256 << 20;
+/// Also the most bytes of spilled small blobs read back at once when committing.
+const MEM_BUDGET: u64 = 32 << 20;
 /// Read size while streaming a blob.
 const CHUNK: usize = 1 << 20;
 
@@ -538,7 +539,6 @@ impl Store {
     fn finish_import(&self, mut st: Stage<'_>, opts: &ImportOptions) -> Result<ImportOutcome> {
         let mut kinds: HashMap<Digest, Kind> = HashMap::new();
         let mut found = Vec::new();
-        let mut generated: Vec<Vec<u8>> = Vec::new();
         if let Some(index) = st.docs.get("index.json").cloned() {
             if let Some(layout) = st.docs.get("oci-layout") {
                 check_layout(layout)?;
@@ -638,7 +638,6 @@ impl Store {
                     Algorithm::Sha256,
                 )?;
                 kinds.insert(d, Kind::Manifest);
-                generated.push(bytes);
                 found.push(Found {
                     digest: d,
                     names: entry.repo_tags.clone(),
@@ -716,7 +715,7 @@ impl Store {
         let mut batch = Batch::new(&self.inner);
         batch.names = names;
         st.syncer.wait()?;
-        let mut small: Vec<(Digest, Vec<u8>, [u8; 32], Kind)> = Vec::new();
+        let mut small: Vec<(Digest, u64, [u8; 32], Kind)> = Vec::new();
         let mut large: Vec<LargeStaged<'_>> = Vec::new();
         let threshold = self.inner.opts.large_threshold;
         let mut ordered: Vec<&Digest> = kinds.keys().collect();
@@ -746,7 +745,7 @@ impl Store {
                     f.write_all_at(&header.encode(), 0).ctx("write", p)?;
                     large.push((p, f, *d, s.blake3, s.size, kind));
                 }
-                _ => small.push((*d, st.bytes_any(d)?, s.blake3, kind)),
+                _ => small.push((*d, s.size, s.blake3, kind)),
             }
         }
         let to_install: Vec<(&Path, &File, Digest)> =
@@ -761,23 +760,38 @@ impl Store {
             };
             batch.add_installed(&it, *size, Location::Large { generation })?;
         }
-        let items: Vec<Hashed<'_>> = small
-            .iter()
-            .map(|(d, data, b3, kind)| Hashed {
-                data,
-                digest: *d,
-                blake3: *b3,
-                kind: *kind,
-            })
-            .collect();
-        batch.add(&items)?;
+        // Small blobs go to the batch's shard in groups, so that spilled ones are read back
+        // a budget's worth at a time.
+        let mut start = 0;
+        while start < small.len() {
+            let (mut end, mut bytes) = (start, 0);
+            while end < small.len() && (end == start || bytes + small[end].1 <= MEM_BUDGET) {
+                bytes += small[end].1;
+                end += 1;
+            }
+            let data: Vec<std::borrow::Cow<'_, [u8]>> = small[start..end]
+                .iter()
+                .map(|(d, ..)| st.bytes_any(d))
+                .collect::<Result<_>>()?;
+            let items: Vec<Hashed<'_>> = small[start..end]
+                .iter()
+                .zip(&data)
+                .map(|((d, _, b3, kind), data)| Hashed {
+                    data,
+                    digest: *d,
+                    blake3: *b3,
+                    kind: *kind,
+                })
+                .collect();
+            batch.add(&items)?;
+            start = end;
+        }
         let committed = batch.commit()?;
         if !committed.missing.is_empty() {
             return Err(Error::Archive(
                 "content vanished during the import; run it again".into(),
             ));
         }
-        drop(generated);
         Ok(outcome)
     }
 }
@@ -891,14 +905,14 @@ fn stage_layer_file(
 
 impl Stage<'_> {
     /// The bytes of any staged blob (small enough to append to a pack).
-    fn bytes_any(&self, d: &Digest) -> Result<Vec<u8>> {
+    fn bytes_any(&self, d: &Digest) -> Result<std::borrow::Cow<'_, [u8]>> {
         let s = &self.blobs[d];
         match &s.data {
-            StagedData::Mem(v) => Ok(v.clone()),
+            StagedData::Mem(v) => Ok(std::borrow::Cow::Borrowed(v)),
             StagedData::File(p, f) => {
                 let mut v = vec![0u8; s.size as usize];
                 f.read_exact_at(&mut v, RECORD_HEADER_LEN).ctx("read", p)?;
-                Ok(v)
+                Ok(std::borrow::Cow::Owned(v))
             }
         }
     }

@@ -325,6 +325,50 @@ impl Files {
         }
     }
 
+    /// The record headers of a segment up to `len`, with the offset of each header. Reads
+    /// with `pread`, so a short or damaged file is an error, never a SIGBUS.
+    pub fn scan_records(&self, shard: u32, id: u64, len: u64) -> Result<Vec<(u64, RecordHeader)>> {
+        let path = self.segment_path(shard, id);
+        let f = open_segment(&path)?;
+        let mut out = Vec::new();
+        let mut at = SEGMENT_HEADER_LEN;
+        let mut hdr = [0u8; RECORD_HEADER_LEN as usize];
+        while at < len {
+            f.read_exact_at(&mut hdr, at).ctx("read", &path)?;
+            let h = RecordHeader::decode(&hdr)
+                .map_err(|e| Error::bad_header(format!("{} at {at}", path.display()), &e))?;
+            let end = at + RECORD_HEADER_LEN + h.stored_len;
+            if end > len {
+                return Err(Error::Corrupt(format!(
+                    "{}: record at {at} runs past the committed length {len}",
+                    path.display()
+                )));
+            }
+            out.push((at, h));
+            at = end;
+        }
+        Ok(out)
+    }
+
+    /// Retires a compacted segment: keeps its read view alive for readers that still hold
+    /// an older snapshot (the mapping outlives the file), then unlinks the file.
+    pub fn retire_segment(&self, shard: u32, id: u64, len: u64) -> Result<()> {
+        let view = self
+            .views
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        if let Some(v) = view {
+            let _ = v.sealed_len.set(len);
+            // Map it now, while the file still has a name.
+            v.read(SEGMENT_HEADER_LEN.min(len), 0)?;
+        }
+        let path = self.segment_path(shard, id);
+        std::fs::remove_file(&path).ctx("remove", &path)?;
+        sys::sync_dir(&self.shard_dir(shard))
+    }
+
     /// Reads `len` payload bytes at `offset` of segment `id`.
     pub fn read_packed(&self, id: u64, offset: u64, len: u64) -> Result<Blob> {
         let v = self

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
 
@@ -114,8 +115,44 @@ pub enum Command {
     /// Leases: protect content for a while (e.g. during a multi-step push).
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Collect garbage: remove what no name, container or lease reaches.
+    Gc {
+        /// Print exactly what a real run would remove; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep blobs touched within this period (`10m`, `1h`, `0s`).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        grace: std::time::Duration,
+        /// Also collect referrers (signatures, SBOMs) of live images.
+        #[arg(long)]
+        drop_referrers: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Images: `store image prune [--all]`.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Disk usage by image, layer and container.
     Df {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `store image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Remove dangling images (no name, no container); with `--all`, every image no
+    /// container uses (their names first), as `docker image prune` does.
+    Prune {
+        /// Remove every image no container uses, not only dangling ones.
+        #[arg(long, short)]
+        all: bool,
+        /// Keep blobs touched within this period.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        grace: std::time::Duration,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -412,6 +449,59 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::Container(c) => container_cmd(&root, c, out)?,
         Command::Lease(c) => lease_cmd(&root, c, out)?,
+        Command::Gc {
+            dry_run,
+            grace,
+            drop_referrers,
+            json,
+        } => {
+            let store = open_existing()?;
+            let opts = crate::GcOptions::default()
+                .dry_run(*dry_run)
+                .grace(*grace)
+                .drop_referrers(*drop_referrers);
+            let report = store.gc(&opts, &AtomicBool::new(false))?;
+            if *json {
+                write_json(out, &report)?;
+            } else {
+                print_gc(out, &report).map_err(stdout_err)?;
+            }
+        }
+        Command::Image(ImageCommand::Prune { all, grace, json }) => {
+            let store = open_existing()?;
+            let mut untagged = Vec::new();
+            if *all {
+                let used: std::collections::HashSet<Digest> =
+                    store.containers()?.into_iter().map(|c| c.image).collect();
+                for (name, d) in store.names()? {
+                    if !used.contains(&d) {
+                        untagged.extend(store.remove_image(&name, false)?);
+                    }
+                }
+            }
+            let report = store.gc(
+                &crate::GcOptions::default().grace(*grace),
+                &AtomicBool::new(false),
+            )?;
+            if *json {
+                #[derive(serde::Serialize)]
+                struct Prune<'a> {
+                    untagged: Vec<&'a str>,
+                    gc: &'a crate::GcReport,
+                }
+                let p = Prune {
+                    untagged: untagged.iter().map(|(n, _)| n.as_str()).collect(),
+                    gc: &report,
+                };
+                write_json(out, &p)?;
+            } else {
+                for (n, _) in &untagged {
+                    let n = crate::Reference::parse(n).map_or_else(|_| n.clone(), |r| r.familiar());
+                    writeln!(out, "Untagged: {n}").map_err(stdout_err)?;
+                }
+                print_gc(out, &report).map_err(stdout_err)?;
+            }
+        }
         Command::Df { json } => {
             let u = open_existing()?.disk_usage()?;
             if *json {
@@ -582,6 +672,49 @@ fn print_details(out: &mut dyn Write, d: &crate::catalog::ImageDetails) -> std::
         writeln!(out, "Containers: {}", d.containers.join(", "))?;
     }
     Ok(())
+}
+
+fn print_gc(out: &mut dyn Write, r: &crate::GcReport) -> std::io::Result<()> {
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    writeln!(
+        out,
+        "{verb} {} blobs, {}",
+        r.removed_blobs,
+        human_bytes(r.removed_bytes)
+    )?;
+    for (kind, s) in &r.removed_by_kind {
+        writeln!(
+            out,
+            "  {kind:<9} {:>8} blobs  {:>10}",
+            s.blobs,
+            human_bytes(s.bytes)
+        )?;
+    }
+    for d in &r.removed {
+        writeln!(out, "  {d}")?;
+    }
+    if !r.kept_for_containers.is_empty() {
+        writeln!(out, "kept only because a container uses them:")?;
+        for d in &r.kept_for_containers {
+            writeln!(out, "  {d}")?;
+        }
+    }
+    if !r.expired_leases.is_empty() {
+        writeln!(out, "expired leases: {}", r.expired_leases.join(", "))?;
+    }
+    writeln!(
+        out,
+        "segments compacted: {} ({}), orphans removed: {}",
+        r.segments_compacted,
+        human_bytes(r.compacted_bytes),
+        r.orphans_removed
+    )?;
+    let p = &r.phases;
+    writeln!(
+        out,
+        "phases: expire {} ms, mark {} ms, sweep {} ms, compact {} ms, orphans {} ms",
+        p.expire_ms, p.mark_ms, p.sweep_ms, p.compact_ms, p.orphans_ms
+    )
 }
 
 fn print_df(out: &mut dyn Write, u: &crate::catalog::DiskUsage) -> Result<()> {

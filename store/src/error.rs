@@ -103,6 +103,9 @@ pub enum Error {
     /// An archive or layout is malformed or unsafe.
     #[error("invalid archive: {0}")]
     Archive(String),
+    /// The operation was interrupted by its caller.
+    #[error("interrupted")]
+    Interrupted,
     /// An invalid argument (ref name, option value).
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -12,13 +12,13 @@ use std::path::Path;
 use std::sync::{Condvar, Mutex};
 
 use redb::{
-    Database, MultimapTableDefinition, ReadTransaction, ReadableDatabase, ReadableTable,
-    TableDefinition,
+    Database, MultimapTableDefinition, ReadTransaction, ReadableDatabase, ReadableMultimapTable,
+    ReadableTable, TableDefinition,
 };
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::format::Kind;
+use crate::format::{Kind, RECORD_HEADER_LEN};
 
 /// digest key -> [`BlobEntry`] encoding.
 pub(crate) const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("blobs");
@@ -26,9 +26,16 @@ pub(crate) const BLOBS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bl
 pub(crate) const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
 /// Named counters and settings.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// parent key -> child keys (index->manifest, manifest->config/layers, subject->referrer).
+/// parent key -> child keys (index->manifest, manifest->config/layers).
 pub(crate) const EDGES: MultimapTableDefinition<&[u8], &[u8]> =
     MultimapTableDefinition::new("edges");
+/// subject key -> referrer keys (signatures, SBOMs: manifests whose `subject` is the key),
+/// kept apart from `edges` so the collector can follow or drop them.
+pub(crate) const REFERRERS: MultimapTableDefinition<&[u8], &[u8]> =
+    MultimapTableDefinition::new("referrers");
+/// referrer key -> its subject's key (every stored referrer, whether its subject is
+/// stored or pending).
+pub(crate) const REFERRER_OF: TableDefinition<&[u8], &[u8]> = TableDefinition::new("referrer_of");
 /// subject key -> referrer keys, for referrers stored before their subject.
 pub(crate) const PENDING_REFERRERS: MultimapTableDefinition<&[u8], &[u8]> =
     MultimapTableDefinition::new("pending_referrers");
@@ -276,6 +283,43 @@ pub(crate) enum Op {
     LeaseCreate(LeaseRecord),
     /// Remove a lease and its holds.
     LeaseRemove(String),
+    /// Remove leases that expired at or before `now_ms`.
+    ExpireLeases { now_ms: u64 },
+    /// Delete candidates that are still garbage at this instant (the collector's re-check).
+    Sweep(SweepOp),
+    /// Point blobs at their copies in a new segment (compaction) and retire the old one.
+    Relocate(RelocateOp),
+}
+
+/// The collector's deletion of one batch of candidates.
+#[derive(Debug)]
+pub(crate) struct SweepOp {
+    pub candidates: Vec<Digest>,
+    /// Blobs touched at or after this instant are kept (the grace period).
+    pub keep_touched_after_ms: u64,
+    /// A referrer whose only parent is its subject goes even if the subject stays.
+    pub drop_referrers: bool,
+}
+
+/// One compaction step: live records copied from `old` into the segments of `segments`.
+#[derive(Debug)]
+pub(crate) struct RelocateOp {
+    /// (digest, old payload offset in `old`, new location, record length).
+    pub moves: Vec<(Digest, u64, Location, u64)>,
+    pub segments: Vec<SegmentUpdate>,
+    pub durable: Option<Barrier>,
+    pub old: u64,
+}
+
+/// What a sweep deleted.
+#[derive(Debug, Default)]
+pub(crate) struct Sweep {
+    /// Deleted blobs with their entries.
+    pub deleted: Vec<(Digest, BlobEntry)>,
+    /// Candidates found live.
+    pub kept: Vec<Digest>,
+    /// Blobs whose last parent was deleted.
+    pub orphaned: Vec<Digest>,
 }
 
 /// The result of a data fsync running on another thread.
@@ -300,6 +344,7 @@ impl Op {
     fn barrier(&self) -> Option<&Barrier> {
         match self {
             Op::Put(p) => p.durable.as_ref(),
+            Op::Relocate(r) => r.durable.as_ref(),
             _ => None,
         }
     }
@@ -317,6 +362,10 @@ pub(crate) struct Outcome {
     pub absent_children: Vec<(Digest, Vec<Digest>)>,
     /// Names removed by `Untag`, with the image each pointed at.
     pub untagged: Vec<(String, Digest)>,
+    /// What a `Sweep` did.
+    pub sweep: Sweep,
+    /// Leases removed by `ExpireLeases`.
+    pub expired: Vec<String>,
 }
 
 #[derive(Default)]
@@ -398,6 +447,8 @@ impl Meta {
                 txn.open_table(SEGMENTS)?;
                 txn.open_multimap_table(EDGES)?;
                 txn.open_multimap_table(PENDING_REFERRERS)?;
+                txn.open_multimap_table(REFERRERS)?;
+                txn.open_table(REFERRER_OF)?;
                 txn.open_table(REFCOUNT)?;
                 txn.open_table(HOLDS)?;
                 txn.open_table(NAMES)?;
@@ -493,6 +544,14 @@ impl Meta {
     /// The children a stored manifest or index names (its edges), in key order.
     pub fn children(txn: &ReadTransaction, d: &Digest) -> Result<Vec<Digest>> {
         let t = txn.open_multimap_table(EDGES)?;
+        t.get(&*d.key())?
+            .map(|r| Ok(Digest::from_key(r?.value())?))
+            .collect()
+    }
+
+    /// The referrers (signatures, SBOMs) of a stored subject.
+    pub fn referrers(txn: &ReadTransaction, d: &Digest) -> Result<Vec<Digest>> {
+        let t = txn.open_multimap_table(REFERRERS)?;
         t.get(&*d.key())?
             .map(|r| Ok(Digest::from_key(r?.value())?))
             .collect()
@@ -657,6 +716,8 @@ struct Tx<'t> {
     segs: redb::Table<'t, u64, &'static [u8]>,
     meta: redb::Table<'t, &'static str, u64>,
     edges: redb::MultimapTable<'t, &'static [u8], &'static [u8]>,
+    referrers: redb::MultimapTable<'t, &'static [u8], &'static [u8]>,
+    referrer_of: redb::Table<'t, &'static [u8], &'static [u8]>,
     pending: redb::MultimapTable<'t, &'static [u8], &'static [u8]>,
     refcount: redb::Table<'t, &'static [u8], u64>,
     holds: redb::Table<'t, &'static [u8], u64>,
@@ -677,6 +738,8 @@ impl<'t> Tx<'t> {
             segs: txn.open_table(SEGMENTS)?,
             meta,
             edges: txn.open_multimap_table(EDGES)?,
+            referrers: txn.open_multimap_table(REFERRERS)?,
+            referrer_of: txn.open_table(REFERRER_OF)?,
             pending: txn.open_multimap_table(PENDING_REFERRERS)?,
             refcount: txn.open_table(REFCOUNT)?,
             holds: txn.open_table(HOLDS)?,
@@ -721,6 +784,9 @@ impl<'t> Tx<'t> {
                 self.leases.insert(rec.id.as_str(), &json(rec)[..])?;
                 Ok(Ok(Outcome::default()))
             }
+            Op::ExpireLeases { now_ms } => self.expire_leases(*now_ms),
+            Op::Sweep(op) => self.sweep(op),
+            Op::Relocate(op) => self.relocate(op),
             Op::LeaseRemove(id) => {
                 if self.leases.remove(id.as_str())?.is_none() {
                     return Ok(Err(Error::LeaseNotFound(id.clone())));
@@ -757,8 +823,15 @@ impl<'t> Tx<'t> {
         Ok(true)
     }
 
-    fn add_edge(&mut self, parent: &Digest, child: &Digest) -> Result<()> {
-        let existed = self.edges.insert(&*parent.key(), &*child.key())?;
+    /// Adds `parent -> child` to `edges` (or to `referrers` for a subject -> referrer
+    /// edge) and counts the new parent in `refcount[child]`.
+    fn add_edge(&mut self, parent: &Digest, child: &Digest, referrer: bool) -> Result<()> {
+        let table = if referrer {
+            &mut self.referrers
+        } else {
+            &mut self.edges
+        };
+        let existed = table.insert(&*parent.key(), &*child.key())?;
         if !existed {
             let k = child.key();
             let n = self.refcount.get(&*k)?.map_or(0, |v| v.value());
@@ -901,7 +974,7 @@ impl<'t> Tx<'t> {
         for &i in &inserted {
             let b = &p.blobs[i];
             for c in &b.children {
-                self.add_edge(&b.digest, c)?;
+                self.add_edge(&b.digest, c, false)?;
             }
             // Referrers stored before this subject now hang off it.
             let waiting: Vec<Vec<u8>> = self
@@ -910,14 +983,15 @@ impl<'t> Tx<'t> {
                 .map(|v| v.map(|g| g.value().to_vec()))
                 .collect::<std::result::Result<_, _>>()?;
             for r in waiting {
-                self.add_edge(&b.digest, &Digest::from_key(&r)?)?;
+                self.add_edge(&b.digest, &Digest::from_key(&r)?, true)?;
             }
         }
         for &i in &inserted {
             let b = &p.blobs[i];
             if let Some(s) = &b.subject {
+                self.referrer_of.insert(&*b.digest.key(), &*s.key())?;
                 if self.blobs.get(&*s.key())?.is_some() {
-                    self.add_edge(s, &b.digest)?;
+                    self.add_edge(s, &b.digest, true)?;
                 } else {
                     self.pending.insert(&*s.key(), &*b.digest.key())?;
                 }
@@ -957,6 +1031,193 @@ impl<'t> Tx<'t> {
         }
         self.touch(target)?;
         Ok(())
+    }
+
+    fn expire_leases(&mut self, now_ms: u64) -> Result<Result<Outcome>> {
+        let mut expired = Vec::new();
+        for r in self.leases.iter()? {
+            let (k, v) = r?;
+            let rec: LeaseRecord = unjson(v.value())?;
+            if rec.expires_ms.is_some_and(|e| e <= now_ms) {
+                expired.push(k.value().to_owned());
+            }
+        }
+        for id in &expired {
+            self.leases.remove(id.as_str())?;
+            let res: Vec<Vec<u8>> = self
+                .lease_res
+                .remove_all(id.as_str())?
+                .map(|v| v.map(|g| g.value().to_vec()))
+                .collect::<std::result::Result<_, _>>()?;
+            for k in res {
+                self.unhold(&k)?;
+            }
+        }
+        Ok(Ok(Outcome {
+            expired,
+            ..Outcome::default()
+        }))
+    }
+
+    /// Removes `parent`'s outgoing edges in `referrers` or `edges`, decrementing the
+    /// children; children left without parents are pushed to `orphaned`.
+    fn drop_edges(
+        &mut self,
+        parent: &Digest,
+        referrer: bool,
+        orphaned: &mut Vec<Digest>,
+    ) -> Result<()> {
+        let table = if referrer {
+            &mut self.referrers
+        } else {
+            &mut self.edges
+        };
+        let children: Vec<Vec<u8>> = table
+            .remove_all(&*parent.key())?
+            .map(|v| v.map(|g| g.value().to_vec()))
+            .collect::<std::result::Result<_, _>>()?;
+        for c in children {
+            let n = self.refcount.get(&*c)?.map_or(0, |v| v.value());
+            if n <= 1 {
+                self.refcount.remove(&*c)?;
+                orphaned.push(Digest::from_key(&c)?);
+            } else {
+                self.refcount.insert(&*c, n - 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The collector's re-check and delete. A candidate goes only if, now, nothing holds
+    /// it, no stored parent names it, and it was not touched within the grace period.
+    fn sweep(&mut self, op: &SweepOp) -> Result<Result<Outcome>> {
+        let mut sw = Sweep::default();
+        for d in &op.candidates {
+            let key = d.key();
+            let Some(e) = self.entry(d)? else {
+                continue;
+            };
+            let held = self.holds.get(&*key)?.map_or(0, |v| v.value());
+            let mut refs = self.refcount.get(&*key)?.map_or(0, |v| v.value());
+            let subject = self
+                .referrer_of
+                .get(&*key)?
+                .map(|v| Digest::from_key(v.value()))
+                .transpose()?;
+            let subject_edge = match &subject {
+                Some(s) => self
+                    .referrers
+                    .get(&*s.key())?
+                    .any(|r| r.is_ok_and(|r| r.value() == &*key)),
+                None => false,
+            };
+            if op.drop_referrers && subject_edge {
+                refs -= 1;
+            }
+            if held > 0 || refs > 0 || e.touched_ms >= op.keep_touched_after_ms {
+                sw.kept.push(*d);
+                continue;
+            }
+            if let Some(s) = &subject {
+                // Unhook it from its subject (stored or pending).
+                if subject_edge {
+                    self.referrers.remove(&*s.key(), &*key)?;
+                    self.refcount.remove(&*key)?;
+                }
+                self.pending.remove(&*s.key(), &*key)?;
+                self.referrer_of.remove(&*key)?;
+            }
+            {
+                self.blobs.remove(&*key)?;
+                self.holds.remove(&*key)?;
+                self.c.blobs -= 1;
+                self.c.bytes -= e.size;
+                match e.location {
+                    Location::Large { .. } => {
+                        self.c.large_blobs -= 1;
+                        self.c.large_bytes -= e.size;
+                    }
+                    Location::Packed { segment, .. } => {
+                        let row = self
+                            .segs
+                            .get(segment)?
+                            .map(|v| SegmentRow::decode(v.value()))
+                            .transpose()?;
+                        if let Some(row) = row {
+                            let row = SegmentRow {
+                                dead_bytes: row.dead_bytes + RECORD_HEADER_LEN + e.stored_len,
+                                ..row
+                            };
+                            self.segs.insert(segment, &row.encode()[..])?;
+                        }
+                    }
+                }
+            }
+            // Parents go before children: what this leaves without parents is re-checked.
+            self.drop_edges(d, false, &mut sw.orphaned)?;
+            self.drop_edges(d, true, &mut sw.orphaned)?;
+            sw.deleted.push((*d, e));
+        }
+        Ok(Ok(Outcome {
+            sweep: sw,
+            ..Outcome::default()
+        }))
+    }
+
+    /// Compaction: repoint each moved blob whose entry still names its old record (a
+    /// concurrent delete wins), then retire the old segment.
+    fn relocate(&mut self, op: &RelocateOp) -> Result<Result<Outcome>> {
+        let mut rows: HashMap<u64, SegmentRow> = HashMap::new();
+        for u in &op.segments {
+            let old = self
+                .segs
+                .get(u.id)?
+                .map(|v| SegmentRow::decode(v.value()))
+                .transpose()?
+                .unwrap_or(SegmentRow {
+                    shard: u.shard,
+                    ..SegmentRow::default()
+                });
+            rows.insert(
+                u.id,
+                SegmentRow {
+                    committed_len: old.committed_len.max(u.committed_len),
+                    sealed: old.sealed || u.sealed,
+                    ..old
+                },
+            );
+        }
+        for (d, old_offset, new_loc, rec_len) in &op.moves {
+            let current = self.entry(d)?;
+            match current {
+                Some(e)
+                    if e.location
+                        == (Location::Packed {
+                            segment: op.old,
+                            offset: *old_offset,
+                        }) =>
+                {
+                    let e = BlobEntry {
+                        location: *new_loc,
+                        ..e
+                    };
+                    self.blobs.insert(&*d.key(), &e.encode()[..])?;
+                }
+                // Deleted or replaced meanwhile: the new copy is dead.
+                _ => {
+                    if let Location::Packed { segment, .. } = new_loc
+                        && let Some(row) = rows.get_mut(segment)
+                    {
+                        row.dead_bytes += rec_len;
+                    }
+                }
+            }
+        }
+        for (id, row) in rows {
+            self.segs.insert(id, &row.encode()[..])?;
+        }
+        self.segs.remove(op.old)?;
+        Ok(Ok(Outcome::default()))
     }
 
     fn containers_using(&self, d: &Digest) -> Result<Vec<ContainerRecord>> {

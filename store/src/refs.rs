@@ -197,6 +197,12 @@ impl Store {
         self.inner.meta.counts(d)
     }
 
+    /// The referrers (manifests whose `subject` is `d`: signatures, SBOMs) stored for `d`.
+    pub fn referrers(&self, d: &Digest) -> Result<Vec<Digest>> {
+        let txn = self.inner.meta.read()?;
+        crate::meta::Meta::referrers(&txn, d)
+    }
+
     /// The children a stored manifest or index names (its edges).
     pub fn children(&self, d: &Digest) -> Result<Vec<Digest>> {
         let txn = self.inner.meta.read()?;

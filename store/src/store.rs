@@ -618,7 +618,7 @@ pub(crate) fn check_expected(opts: &PutOptions, actual: Digest, size: u64) -> Re
 
 impl Inner {
     /// Takes a free shard's append lock, or waits for one.
-    fn take_shard(&self) -> MutexGuard<'_, ShardWriter> {
+    pub(crate) fn take_shard(&self) -> MutexGuard<'_, ShardWriter> {
         let n = self.shards.len();
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed) % n;
         for i in 0..n {
