@@ -485,7 +485,8 @@ impl Store {
         }
         // Walk the graph, staging each blob as it is needed (JSON first, to find the rest).
         let index = st.docs["index.json"].clone();
-        let mut queue: Vec<(Digest, u64, Kind)> = image::parse(&index)?
+        let mut queue: Vec<(Digest, u64, Kind)> = image::parse(&index)
+            .map_err(|e| Error::Archive(format!("index.json: {e}")))?
             .children
             .iter()
             .map(|c| (c.digest, c.size, c.kind))
@@ -502,7 +503,8 @@ impl Store {
             }
             stage_file(&mut st, dir, &d, size)?;
             if matches!(kind, Kind::Manifest | Kind::Index) {
-                let p = image::parse(&st.bytes(&d)?)?;
+                let p = image::parse(&st.bytes(&d)?)
+                    .map_err(|e| Error::Archive(format!("{d}: {e}")))?;
                 for c in &p.children {
                     queue.push((c.digest, c.size, c.kind));
                 }
@@ -543,7 +545,8 @@ impl Store {
             if let Some(layout) = st.docs.get("oci-layout") {
                 check_layout(layout)?;
             }
-            let idx = image::parse(&index)?;
+            let idx =
+                image::parse(&index).map_err(|e| Error::Archive(format!("index.json: {e}")))?;
             if idx.kind != Kind::Index {
                 return Err(Error::Archive("index.json is not an image index".into()));
             }
@@ -609,13 +612,32 @@ impl Store {
                 let config = st.path_digest(&entry.config)?;
                 let config_size = st.blobs[&config].size;
                 kinds.insert(config, Kind::Config);
+                // The archive carries no layer digests of its own: check each plain-tar
+                // layer against the config's diff_ids (a compressed one's diff_id is over
+                // its decompressed bytes, which `verify --deep` checks).
+                let info = image::parse_config(&st.bytes(&config)?)
+                    .map_err(|e| Error::Archive(format!("{}: {e}", entry.config)))?;
+                if info.diff_ids.len() != entry.layers.len() {
+                    return Err(Error::Archive(format!(
+                        "{} lists {} layers, but its config has {} diff_ids",
+                        entry.config,
+                        entry.layers.len(),
+                        info.diff_ids.len()
+                    )));
+                }
                 let mut layers = Vec::new();
-                for l in &entry.layers {
+                for (l, diff_id) in entry.layers.iter().zip(&info.diff_ids) {
                     let d = st.path_digest(l)?;
                     let size = st.blobs[&d].size;
+                    let media_type = layer_media_type(&st.bytes_prefix(&d)?);
+                    if media_type == media::OCI_LAYER && d.to_string() != *diff_id {
+                        return Err(Error::Archive(format!(
+                            "layer {l} hashes to {d}, but the config's diff_id is {diff_id}"
+                        )));
+                    }
                     kinds.insert(d, Kind::Layer);
                     layers.push(serde_json::json!({
-                        "mediaType": layer_media_type(&st.bytes_prefix(&d)?),
+                        "mediaType": media_type,
                         "digest": d.to_string(),
                         "size": size,
                     }));
@@ -843,10 +865,10 @@ fn stage_file(st: &mut Stage<'_>, dir: &Path, d: &Digest, size: u64) -> Result<(
     }
     let (got, _) = st.stage(&mut f, Some(len), d.algorithm())?;
     if got != *d {
-        return Err(Error::DigestMismatch {
-            expected: *d,
-            actual: got,
-        });
+        return Err(Error::Archive(format!(
+            "{} hashes to {got}, not to the digest its name says",
+            layout_blob_path(dir, d).display()
+        )));
     }
     Ok(())
 }
@@ -890,10 +912,10 @@ fn stage_layer_file(
     let (got, blake3) = h.finish();
     if got != *d {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::DigestMismatch {
-            expected: *d,
-            actual: got,
-        });
+        return Err(Error::Archive(format!(
+            "{} hashes to {got}, not to the digest its name says",
+            p.display()
+        )));
     }
     Ok(Stage1 {
         digest: got,
@@ -1090,6 +1112,12 @@ impl Store {
     /// Writes the images named by `refs` as an archive to `out` (byte-exact blobs).
     pub fn export(&self, refs: &[String], format: ExportFormat, out: impl Write) -> Result<()> {
         let (index, blobs, chosen) = self.export_plan(refs)?;
+        // Everything that can be refused is checked before the first byte is written.
+        let docker_manifest = if format == ExportFormat::Docker {
+            Some(self.docker_manifest(&chosen)?)
+        } else {
+            None
+        };
         let mut tar = tar::Builder::new(out);
         let io = |e: std::io::Error| Error::io("write", "archive", e);
         append(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
@@ -1103,29 +1131,36 @@ impl Store {
             append(&mut tar, &format!("{dir}{}", d.hex()), &blob).map_err(io)?;
         }
         append(&mut tar, "index.json", &index).map_err(io)?;
-        if format == ExportFormat::Docker {
-            let mut entries = Vec::new();
-            for c in &chosen {
-                let m = self.get(&c.digest)?;
-                let p = image::parse(&m)?;
-                if p.kind != Kind::Manifest {
-                    return Err(Error::Invalid(format!(
-                        "{} is an index; the docker format holds single-platform images \
-                         (export the platform's manifest digest)",
-                        c.digest
-                    )));
-                }
-                let path = |d: &Digest| format!("blobs/{}/{}", d.algorithm().name(), d.hex());
-                entries.push(serde_json::json!({
-                    "Config": path(&p.config().ok_or_else(|| Error::Corrupt("manifest without config".into()))?.digest),
-                    "RepoTags": c.reference.iter().filter(|r| r.tag().is_some()).map(Reference::familiar).collect::<Vec<_>>(),
-                    "Layers": p.layers().iter().map(|l| path(&l.digest)).collect::<Vec<_>>(),
-                }));
-            }
-            let mj = serde_json::to_vec(&entries).map_err(|e| Error::Archive(e.to_string()))?;
+        if let Some(mj) = docker_manifest {
             append(&mut tar, "manifest.json", &mj).map_err(io)?;
         }
         tar.into_inner().map_err(io)?.flush().map_err(io)
+    }
+
+    /// The `manifest.json` of a docker archive for `chosen` (single-platform images only).
+    fn docker_manifest(&self, chosen: &[Chosen]) -> Result<Vec<u8>> {
+        let mut entries = Vec::new();
+        for c in chosen {
+            let m = self.get(&c.digest)?;
+            let p = image::parse(&m)?;
+            if p.kind != Kind::Manifest {
+                return Err(Error::Invalid(format!(
+                    "{} is an index; the docker format holds single-platform images \
+                     (export the platform's manifest digest)",
+                    c.digest
+                )));
+            }
+            let path = |d: &Digest| format!("blobs/{}/{}", d.algorithm().name(), d.hex());
+            let config = p
+                .config()
+                .ok_or_else(|| Error::Corrupt("manifest without config".into()))?;
+            entries.push(serde_json::json!({
+                "Config": path(&config.digest),
+                "RepoTags": c.reference.iter().filter(|r| r.tag().is_some()).map(Reference::familiar).collect::<Vec<_>>(),
+                "Layers": p.layers().iter().map(|l| path(&l.digest)).collect::<Vec<_>>(),
+            }));
+        }
+        serde_json::to_vec(&entries).map_err(|e| Error::Archive(e.to_string()))
     }
 
     /// Writes the images named by `refs` as an OCI image layout directory `dir` (created;

@@ -212,7 +212,6 @@ impl layerstore_gc::Sweeper<Digest> for Sweeper<'_> {
             k.bytes += e.size;
             deleted.push(d);
         }
-        self.report.kept_live += o.sweep.kept.len() as u64;
         Ok(layerstore_gc::Swept {
             deleted,
             kept: o.sweep.kept,
@@ -242,6 +241,18 @@ impl Store {
     /// orphan files. With `opts.dry_run`, reports exactly what a real run would remove
     /// (when no writer runs in between) and changes nothing.
     pub fn gc(&self, opts: &GcOptions, interrupt: &AtomicBool) -> Result<GcReport> {
+        self.gc_with(opts, interrupt, &mut || {})
+    }
+
+    /// [`Store::gc`], running `between` after the mark and before the sweep: the window in
+    /// which a concurrent writer may make a candidate live again (tests use it to make
+    /// that race happen deterministically).
+    pub fn gc_with(
+        &self,
+        opts: &GcOptions,
+        interrupt: &AtomicBool,
+        between: &mut dyn FnMut(),
+    ) -> Result<GcReport> {
         let mut report = GcReport {
             dry_run: opts.dry_run,
             ..GcReport::default()
@@ -353,6 +364,8 @@ impl Store {
             return Ok(report);
         }
 
+        between();
+
         // 3. Sweep.
         let t = Instant::now();
         let mut sweeper = Sweeper {
@@ -361,7 +374,10 @@ impl Store {
             drop_referrers: opts.drop_referrers,
             report: &mut report,
         };
-        layerstore_gc::execute(&plan, &mut sweeper, &engine_opts).map_err(gc_err)?;
+        let outcome = layerstore_gc::execute(&plan, &mut sweeper, &engine_opts).map_err(gc_err)?;
+        // Kept at the end: a candidate kept at its first offer and deleted once its last
+        // parent went does not count.
+        report.kept_live = outcome.kept.len() as u64;
         report.phases.sweep_ms = t.elapsed().as_millis() as u64;
 
         // 4. Compaction.

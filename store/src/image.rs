@@ -203,6 +203,9 @@ fn shape(p: &Probe) -> Option<Kind> {
 /// Parses a manifest or an index (OCI or Docker schema2; recognised by `mediaType`, or by
 /// shape when it is absent). Schema 1 is refused.
 pub fn parse(bytes: &[u8]) -> Result<Parsed, ImageError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(malformed("manifest", "not a JSON object"));
+    }
     let probe: Probe = serde_json::from_slice(bytes).map_err(|e| malformed("manifest", e))?;
     let schema1 = matches!(&probe.schema_version, Some(v) if v.as_u64() == Some(1))
         || matches!(

@@ -202,8 +202,9 @@ pub(crate) struct NewBlob {
     pub entry: BlobEntry,
     /// Header plus payload, for packed blobs; 0 for large ones.
     pub record_len: u64,
-    /// For a manifest or index: the distinct children it names (edges to add).
-    pub children: Vec<Digest>,
+    /// For a manifest or index: the distinct children it names (edges to add), with the
+    /// kind the parent gives each (a child stored as `other` takes it).
+    pub children: Vec<(Digest, Kind)>,
     /// For a referrer: its subject (edge subject -> this blob).
     pub subject: Option<Digest>,
 }
@@ -226,6 +227,10 @@ pub(crate) struct PutOp {
     pub segments: Vec<SegmentUpdate>,
     /// Existing blobs to refresh (the caller skipped writing them).
     pub touch: Vec<Digest>,
+    /// Existing blobs now stored as manifests or indexes: a blob first stored plainly
+    /// (kind `other`) takes the kind and gains its edges; one already a manifest is only
+    /// refreshed. (`entry.kind`, `children` and `subject` are used.)
+    pub upgrade: Vec<NewBlob>,
     /// The data fsync of these blobs, still running: the commit waits for it (so the
     /// index work overlaps the fsync) and drops this op if it failed.
     pub durable: Option<Barrier>,
@@ -871,7 +876,7 @@ impl<'t> Tx<'t> {
         let mut outcome = Outcome::default();
         for b in &p.blobs {
             let mut absent = Vec::new();
-            for c in &b.children {
+            for (c, _) in &b.children {
                 if !in_op.contains(c) && self.blobs.get(&*c.key())?.is_none() {
                     absent.push(*c);
                 }
@@ -971,23 +976,28 @@ impl<'t> Tx<'t> {
         }
         outcome.lost.sort_unstable();
         // Edges of the new blobs, in the transaction that makes them visible.
-        for &i in &inserted {
-            let b = &p.blobs[i];
-            for c in &b.children {
-                self.add_edge(&b.digest, c, false)?;
-            }
-            // Referrers stored before this subject now hang off it.
-            let waiting: Vec<Vec<u8>> = self
-                .pending
-                .remove_all(&*b.digest.key())?
-                .map(|v| v.map(|g| g.value().to_vec()))
-                .collect::<std::result::Result<_, _>>()?;
-            for r in waiting {
-                self.add_edge(&b.digest, &Digest::from_key(&r)?, true)?;
+        let mut linked: Vec<&NewBlob> = inserted.iter().map(|&i| &p.blobs[i]).collect();
+        for u in &p.upgrade {
+            match self.entry(&u.digest)? {
+                None => outcome.missing.push(u.digest),
+                Some(e) if matches!(e.kind, Kind::Manifest | Kind::Index) => {
+                    self.touch(&u.digest)?;
+                }
+                Some(e) => {
+                    let e = BlobEntry {
+                        kind: u.entry.kind,
+                        touched_ms: self.now,
+                        ..e
+                    };
+                    self.blobs.insert(&*u.digest.key(), &e.encode()[..])?;
+                    linked.push(u);
+                }
             }
         }
-        for &i in &inserted {
-            let b = &p.blobs[i];
+        for b in &linked {
+            self.link(b)?;
+        }
+        for b in &linked {
             if let Some(s) = &b.subject {
                 self.referrer_of.insert(&*b.digest.key(), &*s.key())?;
                 if self.blobs.get(&*s.key())?.is_some() {
@@ -1009,13 +1019,44 @@ impl<'t> Tx<'t> {
             self.set_name(name, target)?;
         }
         if let Some(l) = &p.lease {
-            for d in p.blobs.iter().map(|b| &b.digest).chain(&p.touch) {
+            let upgraded = p.upgrade.iter().map(|b| &b.digest);
+            for d in p
+                .blobs
+                .iter()
+                .map(|b| &b.digest)
+                .chain(&p.touch)
+                .chain(upgraded)
+            {
                 if !self.lease_res.insert(l.as_str(), &*d.key())? {
                     self.hold(&d.key())?;
                 }
             }
         }
         Ok(Ok(outcome))
+    }
+
+    /// Adds a new manifest's or index's edges (giving plainly stored children the kind it
+    /// names them by), and attaches referrers that were waiting for it.
+    fn link(&mut self, b: &NewBlob) -> Result<()> {
+        for (c, kind) in &b.children {
+            self.add_edge(&b.digest, c, false)?;
+            if *kind != Kind::Other
+                && let Some(e) = self.entry(c)?
+                && e.kind == Kind::Other
+            {
+                let e = BlobEntry { kind: *kind, ..e };
+                self.blobs.insert(&*c.key(), &e.encode()[..])?;
+            }
+        }
+        let waiting: Vec<Vec<u8>> = self
+            .pending
+            .remove_all(&*b.digest.key())?
+            .map(|v| v.map(|g| g.value().to_vec()))
+            .collect::<std::result::Result<_, _>>()?;
+        for r in waiting {
+            self.add_edge(&b.digest, &Digest::from_key(&r)?, true)?;
+        }
+        Ok(())
     }
 
     fn set_name(&mut self, name: &str, target: &Digest) -> Result<()> {
@@ -1092,6 +1133,8 @@ impl<'t> Tx<'t> {
     /// it, no stored parent names it, and it was not touched within the grace period.
     fn sweep(&mut self, op: &SweepOp) -> Result<Result<Outcome>> {
         let mut sw = Sweep::default();
+        let any_referrers = self.referrers.iter()?.next().is_some();
+        let mut dead: HashMap<u64, u64> = HashMap::new();
         for d in &op.candidates {
             let key = d.key();
             let Some(e) = self.entry(d)? else {
@@ -1099,11 +1142,16 @@ impl<'t> Tx<'t> {
             };
             let held = self.holds.get(&*key)?.map_or(0, |v| v.value());
             let mut refs = self.refcount.get(&*key)?.map_or(0, |v| v.value());
-            let subject = self
-                .referrer_of
-                .get(&*key)?
-                .map(|v| Digest::from_key(v.value()))
-                .transpose()?;
+            let image = matches!(e.kind, Kind::Manifest | Kind::Index);
+            // Only manifests and indexes can be referrers.
+            let subject = if image {
+                self.referrer_of
+                    .get(&*key)?
+                    .map(|v| Digest::from_key(v.value()))
+                    .transpose()?
+            } else {
+                None
+            };
             let subject_edge = match &subject {
                 Some(s) => self
                     .referrers
@@ -1127,36 +1175,40 @@ impl<'t> Tx<'t> {
                 self.pending.remove(&*s.key(), &*key)?;
                 self.referrer_of.remove(&*key)?;
             }
-            {
-                self.blobs.remove(&*key)?;
-                self.holds.remove(&*key)?;
-                self.c.blobs -= 1;
-                self.c.bytes -= e.size;
-                match e.location {
-                    Location::Large { .. } => {
-                        self.c.large_blobs -= 1;
-                        self.c.large_bytes -= e.size;
-                    }
-                    Location::Packed { segment, .. } => {
-                        let row = self
-                            .segs
-                            .get(segment)?
-                            .map(|v| SegmentRow::decode(v.value()))
-                            .transpose()?;
-                        if let Some(row) = row {
-                            let row = SegmentRow {
-                                dead_bytes: row.dead_bytes + RECORD_HEADER_LEN + e.stored_len,
-                                ..row
-                            };
-                            self.segs.insert(segment, &row.encode()[..])?;
-                        }
-                    }
+            self.blobs.remove(&*key)?;
+            self.c.blobs -= 1;
+            self.c.bytes -= e.size;
+            match e.location {
+                Location::Large { .. } => {
+                    self.c.large_blobs -= 1;
+                    self.c.large_bytes -= e.size;
+                }
+                Location::Packed { segment, .. } => {
+                    *dead.entry(segment).or_default() += RECORD_HEADER_LEN + e.stored_len;
                 }
             }
             // Parents go before children: what this leaves without parents is re-checked.
-            self.drop_edges(d, false, &mut sw.orphaned)?;
-            self.drop_edges(d, true, &mut sw.orphaned)?;
+            if image {
+                self.drop_edges(d, false, &mut sw.orphaned)?;
+            }
+            if any_referrers {
+                self.drop_edges(d, true, &mut sw.orphaned)?;
+            }
             sw.deleted.push((*d, e));
+        }
+        for (segment, bytes) in dead {
+            let row = self
+                .segs
+                .get(segment)?
+                .map(|v| SegmentRow::decode(v.value()))
+                .transpose()?;
+            if let Some(row) = row {
+                let row = SegmentRow {
+                    dead_bytes: row.dead_bytes + bytes,
+                    ..row
+                };
+                self.segs.insert(segment, &row.encode()[..])?;
+            }
         }
         Ok(Ok(Outcome {
             sweep: sw,

@@ -41,6 +41,27 @@ impl Store {
         Ok(r)
     }
 
+    /// Sets many names in one commit (all or none: every target must be a stored image).
+    pub fn tag_many(&self, names: &[(&str, Digest)]) -> Result<()> {
+        let names = names
+            .iter()
+            .map(|(n, d)| {
+                let r = Reference::parse(n)?;
+                if r.digest().is_some() {
+                    return Err(Error::Invalid(format!(
+                        "cannot tag with a digest reference: {n}"
+                    )));
+                }
+                Ok((r.canonical(), *d))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.inner.meta.submit(Op::Put(PutOp {
+            names,
+            ..PutOp::default()
+        }))?;
+        Ok(())
+    }
+
     /// Resolves a reference to the digest it names: a bare digest (`sha256:...`) or a
     /// reference with a digest must be stored; a name must exist.
     pub fn resolve(&self, reference: &str) -> Result<Digest> {

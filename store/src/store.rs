@@ -452,11 +452,24 @@ impl Store {
     where
         B: AsRef<[u8]> + Sync,
     {
-        let blobs: Vec<B> = blobs.into_iter().collect();
+        self.put_many_kinds(blobs.into_iter().map(|b| (b, Kind::Other)))
+    }
+
+    /// [`Store::put_many`] with a kind per blob: manifests and indexes are parsed and their
+    /// edges written in the same commit (a malformed one fails the whole batch, storing
+    /// nothing).
+    pub fn put_many_kinds<B>(
+        &self,
+        blobs: impl IntoIterator<Item = (B, Kind)>,
+    ) -> Result<Vec<Descriptor>>
+    where
+        B: AsRef<[u8]> + Sync,
+    {
+        let blobs: Vec<(B, Kind)> = blobs.into_iter().collect();
         // Waves of about WAVE_BYTES: hashing wave k+1 overlaps writing wave k.
         let mut waves = Vec::new();
         let (mut start, mut bytes) = (0, 0u64);
-        for (i, b) in blobs.iter().enumerate() {
+        for (i, (b, _)) in blobs.iter().enumerate() {
             bytes += b.as_ref().len() as u64 + RECORD_HEADER_LEN;
             if bytes >= WAVE_BYTES {
                 waves.push(&blobs[start..=i]);
@@ -582,9 +595,9 @@ impl Store {
 }
 
 /// Hashes blobs in parallel (sha256 + blake3 each).
-fn hash_wave<B: AsRef<[u8]> + Sync>(wave: &[B]) -> Vec<Hashed<'_>> {
+fn hash_wave<B: AsRef<[u8]> + Sync>(wave: &[(B, Kind)]) -> Vec<Hashed<'_>> {
     wave.par_iter()
-        .map(|b| {
+        .map(|(b, kind)| {
             let data = b.as_ref();
             let mut h = DualHasher::new(Algorithm::Sha256);
             h.update(data);
@@ -593,7 +606,7 @@ fn hash_wave<B: AsRef<[u8]> + Sync>(wave: &[B]) -> Vec<Hashed<'_>> {
                 data,
                 digest,
                 blake3,
-                kind: Kind::Other,
+                kind: *kind,
             }
         })
         .collect()
@@ -709,6 +722,8 @@ pub(crate) struct Batch<'a> {
     /// Records were appended to the shard's active segment.
     appended: bool,
     committed: bool,
+    /// Existing blobs stored again as manifests or indexes.
+    upgrade: Vec<NewBlob>,
     /// Names to set in the commit.
     pub names: Vec<(String, Digest)>,
     /// Lease taking every blob of the batch.
@@ -721,7 +736,7 @@ pub(crate) struct Batch<'a> {
 #[derive(Default)]
 pub(crate) struct Graph {
     kind: Option<Kind>,
-    children: Vec<Digest>,
+    children: Vec<(Digest, Kind)>,
     subject: Option<Digest>,
 }
 
@@ -734,7 +749,14 @@ impl Graph {
         let p = crate::image::parse(it.data)?;
         Ok(Graph {
             kind: Some(p.kind),
-            children: p.edge_targets(),
+            children: {
+                let mut seen = HashSet::new();
+                p.children
+                    .iter()
+                    .filter(|c| seen.insert(c.digest))
+                    .map(|c| (c.digest, c.kind))
+                    .collect()
+            },
             subject: p.subject,
         })
     }
@@ -758,6 +780,7 @@ impl<'a> Batch<'a> {
             large: Vec::new(),
             appended: false,
             committed: false,
+            upgrade: Vec::new(),
             names: Vec::new(),
             lease: None,
             require_children: false,
@@ -777,7 +800,16 @@ impl<'a> Batch<'a> {
                     continue;
                 }
                 if redb::ReadableTable::get(&table, &*it.digest.key())?.is_some() {
-                    self.touch.push(it.digest);
+                    if matches!(it.kind, Kind::Manifest | Kind::Index) {
+                        // Stored before, maybe plainly: it takes the kind and its edges.
+                        self.upgrade.push(new_blob(
+                            it,
+                            Location::Large { generation: 0 },
+                            &Graph::of(it)?,
+                        ));
+                    } else {
+                        self.touch.push(it.digest);
+                    }
                 } else {
                     fresh.push(it);
                 }
@@ -798,22 +830,28 @@ impl<'a> Batch<'a> {
             self.shard = Some(inner.take_shard());
         }
         let writer: Option<&mut ShardWriter> = self.shard.as_deref_mut();
-        let (large_res, small_res) = rayon::join(
-            || {
-                large
-                    .par_iter()
-                    .map(|it| inner.files.write_large(&it.header(), it.data))
-                    .collect::<Vec<Result<u64>>>()
-            },
-            || match writer {
-                Some(w) if !small.is_empty() => {
-                    self.appended = true;
-                    let recs: Vec<_> = small.iter().map(|it| (it.header(), it.data)).collect();
-                    inner.files.append(w, &recs).map(Some)
-                }
-                _ => Ok(None),
-            },
-        );
+        let write_large = || {
+            large
+                .par_iter()
+                .map(|it| inner.files.write_large(&it.header(), it.data))
+                .collect::<Vec<Result<u64>>>()
+        };
+        let appended = &mut self.appended;
+        let append_small = || match writer {
+            Some(w) if !small.is_empty() => {
+                *appended = true;
+                let recs: Vec<_> = small.iter().map(|it| (it.header(), it.data)).collect();
+                inner.files.append(w, &recs).map(Some)
+            }
+            _ => Ok(None),
+        };
+        // Only large files are worth the pool: a small put must not queue behind whatever
+        // else the pool runs (a collector's mark, another caller's hashing).
+        let (large_res, small_res) = if large.is_empty() {
+            (Vec::new(), append_small())
+        } else {
+            rayon::join(write_large, append_small)
+        };
         let mut first_err = None;
         for (it, r) in large.iter().zip(large_res) {
             match r {
@@ -905,6 +943,7 @@ impl<'a> Batch<'a> {
                 blobs,
                 segments: segments.clone(),
                 touch: std::mem::take(&mut self.touch),
+                upgrade: std::mem::take(&mut self.upgrade),
                 durable,
                 names: std::mem::take(&mut self.names),
                 lease: self.lease.take(),
