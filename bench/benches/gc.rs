@@ -49,8 +49,8 @@ fn main() {
     let dir = tempfile::tempdir_in(base).unwrap();
     let store = Store::open(dir.path(), Options::default()).unwrap();
 
-    let t = Instant::now();
     const CHUNK: usize = 10_000;
+    let t = Instant::now();
     let mut names = Vec::new();
     for start in (0..images).step_by(CHUNK) {
         let n = CHUNK.min(images - start);
@@ -105,10 +105,10 @@ fn main() {
                 };
                 let (mut layer, mut config, mut m) = (None, None, None);
                 timed(&mut || {
-                    layer = Some(store.put(format!("writer layer {i}").as_bytes()).unwrap())
+                    layer = Some(store.put(format!("writer layer {i}").as_bytes()).unwrap());
                 });
                 timed(&mut || {
-                    config = Some(store.put(format!("writer config {i}").as_bytes()).unwrap())
+                    config = Some(store.put(format!("writer config {i}").as_bytes()).unwrap());
                 });
                 let json = manifest(config.as_ref().unwrap(), &[layer.unwrap()]);
                 timed(&mut || {
@@ -134,9 +134,9 @@ fn main() {
         let r = store.gc(&opts, &AtomicBool::new(false)).unwrap();
         let took = t.elapsed();
         stop.store(true, Ordering::Relaxed);
-        let (worst, ops) = writer.join().unwrap();
+        let (worst_op, op_count) = writer.join().unwrap();
         println!("gc took {:.3} s", took.as_secs_f64());
-        (r, worst, ops)
+        (r, worst_op, op_count)
     });
     let rss = vm_hwm_kib();
     println!(

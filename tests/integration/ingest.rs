@@ -167,7 +167,9 @@ fn suspend_and_resume_continue_at_the_offset() {
         let r#ref = format!("resume-{len}");
         let cut2 = 2 * len / 3;
         assert_eq!(listed_offset(&store, &r#ref), Some(cut2 as u64));
-        let mut ing = store.ingest(&r#ref, po.clone()).expect("resume after reopen");
+        let mut ing = store
+            .ingest(&r#ref, po.clone())
+            .expect("resume after reopen");
         assert_eq!(ing.offset(), cut2 as u64);
         write_range(&mut ing, &data, cut2, len);
         let desc = ing.commit().expect("commit");
