@@ -37,6 +37,7 @@ fn manifest(config: &layerstore::Descriptor, layers: &[layerstore::Descriptor]) 
 }
 
 fn main() {
+    const CHUNK: usize = 10_000;
     let images: usize = std::env::var("GC_IMAGES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -49,7 +50,6 @@ fn main() {
     let dir = tempfile::tempdir_in(base).unwrap();
     let store = Store::open(dir.path(), Options::default()).unwrap();
 
-    const CHUNK: usize = 10_000;
     let t = Instant::now();
     let mut names = Vec::new();
     for start in (0..images).step_by(CHUNK) {
