@@ -54,6 +54,9 @@ pub struct Swept<N> {
     pub kept: Vec<N>,
     /// Nodes orphaned by the deletions (candidates for a follow-up sweep).
     pub orphaned: Vec<N>,
+    /// Nodes of the batch the sweeper did not get to (it bounds its time per call); they
+    /// are offered again later.
+    pub deferred: Vec<N>,
 }
 
 impl<N> Default for Swept<N> {
@@ -62,6 +65,7 @@ impl<N> Default for Swept<N> {
             deleted: Vec::new(),
             kept: Vec::new(),
             orphaned: Vec::new(),
+            deferred: Vec::new(),
         }
     }
 }
@@ -108,12 +112,15 @@ pub enum Error<E> {
     Interrupted,
     /// The graph or the sweeper failed.
     Graph(E),
+    /// The sweeper deferred a whole batch without looking at any node.
+    Stalled,
 }
 
 impl<E: std::fmt::Display> std::fmt::Display for Error<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Error::Interrupted => f.write_str("interrupted"),
+            Error::Stalled => f.write_str("the sweeper made no progress"),
             Error::Graph(e) => e.fmt(f),
         }
     }
@@ -255,6 +262,11 @@ where
                 queue.push_back(o);
             }
         }
+        if !swept.deferred.is_empty() && swept.deferred.len() == batch.len() {
+            // No progress at all: the sweeper must always get through one node.
+            return Err(Error::Stalled);
+        }
+        queue.extend(swept.deferred);
         opts.progress
             .report("sweep", out.deleted.len() as u64, Some(total));
     }

@@ -42,7 +42,9 @@ pub struct GcOptions {
     /// Orphan files (large files no entry names, abandoned ingests) older than this are
     /// removed. Default 24 hours, so resumable ingests survive a day.
     pub orphan_age: Duration,
-    /// Candidates per sweep transaction. Default 1024.
+    /// Candidates offered per sweep transaction. Default 16384; each transaction also
+    /// stops after about 15 ms of work (the rest is offered again), so writers queued
+    /// behind it never wait long.
     pub batch: usize,
 }
 
@@ -54,7 +56,7 @@ impl Default for GcOptions {
             dry_run: false,
             compact_threshold: 0.5,
             orphan_age: Duration::from_secs(24 * 3600),
-            batch: 1024,
+            batch: 16384,
         }
     }
 }
@@ -172,12 +174,14 @@ impl layerstore_gc::Graph for SnapGraph {
     }
 }
 
-/// Deletes through the commit queue, then unlinks the large files it deleted.
+/// Deletes through the commit queue (non-durable commits), collecting the large files
+/// it deleted; they are unlinked only after the collector's final durable commit.
 struct Sweeper<'a> {
     store: &'a Store,
     cutoff_ms: u64,
     drop_referrers: bool,
     report: &'a mut GcReport,
+    unlink: Vec<std::path::PathBuf>,
 }
 
 impl layerstore_gc::Sweeper<Digest> for Sweeper<'_> {
@@ -194,12 +198,7 @@ impl layerstore_gc::Sweeper<Digest> for Sweeper<'_> {
         for (d, e) in o.sweep.deleted {
             // Only the generation this sweep deleted: a newer copy is never touched.
             if let Location::Large { generation } = e.location {
-                let p = files.large_path(&d, generation);
-                match std::fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(err) => return Err(Error::io("remove", &p, err)),
-                }
+                self.unlink.push(files.large_path(&d, generation));
             }
             self.report.removed_blobs += 1;
             self.report.removed_bytes += e.size;
@@ -216,6 +215,7 @@ impl layerstore_gc::Sweeper<Digest> for Sweeper<'_> {
             deleted,
             kept: o.sweep.kept,
             orphaned: o.sweep.orphaned,
+            deferred: o.sweep.deferred,
         })
     }
 }
@@ -223,6 +223,7 @@ impl layerstore_gc::Sweeper<Digest> for Sweeper<'_> {
 fn gc_err(e: layerstore_gc::Error<Error>) -> Error {
     match e {
         layerstore_gc::Error::Interrupted => Error::Interrupted,
+        layerstore_gc::Error::Stalled => Error::Corrupt("the collector made no progress".into()),
         layerstore_gc::Error::Graph(e) => e,
     }
 }
@@ -373,8 +374,21 @@ impl Store {
             cutoff_ms: cutoff,
             drop_referrers: opts.drop_referrers,
             report: &mut report,
+            unlink: Vec::new(),
         };
-        let outcome = layerstore_gc::execute(&plan, &mut sweeper, &engine_opts).map_err(gc_err)?;
+        let swept = layerstore_gc::execute(&plan, &mut sweeper, &engine_opts);
+        let unlink = std::mem::take(&mut sweeper.unlink);
+        // One durable commit makes every sweep durable; only then may files go. (Also
+        // after an interrupt or error: what was swept stays swept.)
+        self.inner.meta.submit(Op::Seal(Vec::new()))?;
+        for p in unlink {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(Error::io("remove", &p, err)),
+            }
+        }
+        let outcome = swept.map_err(gc_err)?;
         // Kept at the end: a candidate kept at its first offer and deleted once its last
         // parent went does not count.
         report.kept_live = outcome.kept.len() as u64;

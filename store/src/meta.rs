@@ -323,9 +323,23 @@ pub(crate) struct Sweep {
     pub deleted: Vec<(Digest, BlobEntry)>,
     /// Candidates found live.
     pub kept: Vec<Digest>,
-    /// Blobs whose last parent was deleted.
+    /// Blobs whose last parent was deleted and that are still live (held or young).
     pub orphaned: Vec<Digest>,
+    /// Candidates not looked at (the transaction's time budget ran out).
+    pub deferred: Vec<Digest>,
 }
+
+/// What the re-check did with one blob.
+enum Swept {
+    Deleted(BlobEntry),
+    /// Not stored (deleted earlier).
+    Gone,
+    /// Held, referenced or young.
+    Live,
+}
+
+/// Work one sweep transaction does at most, so writers behind it wait little.
+const SWEEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(15);
 
 /// The result of a data fsync running on another thread.
 #[derive(Debug)]
@@ -346,6 +360,14 @@ impl Barrier {
 }
 
 impl Op {
+    /// Whether the op's caller relies on its commit being durable when it returns. Only
+    /// the collector's sweeps do not: it makes them durable with one final commit before it
+    /// unlinks any file, so a crash in between only undoes deletions (garbage that the
+    /// next run collects again), never loses bytes an entry names.
+    fn needs_durability(&self) -> bool {
+        !matches!(self, Op::Sweep(_))
+    }
+
     fn barrier(&self) -> Option<&Barrier> {
         match self {
             Op::Put(p) => p.durable.as_ref(),
@@ -633,7 +655,24 @@ impl Meta {
         }
     }
 
-    fn commit_batch(&self, mut batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Outcome>)> {
+    fn commit_batch(&self, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Outcome>)> {
+        // Ops that need no durable commit (the collector's sweeps) go in a transaction of
+        // their own, so they neither pay for a writer's fsync nor make a writer wait for
+        // more than their own work. The ops of one round are concurrent, so any order is a
+        // valid serialisation.
+        let (relaxed, durable): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|(_, op)| !op.needs_durability());
+        let mut results = Vec::new();
+        for part in [relaxed, durable] {
+            if !part.is_empty() {
+                results.extend(self.commit_part(part));
+            }
+        }
+        results
+    }
+
+    fn commit_part(&self, mut batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Outcome>)> {
         let mut results = Vec::with_capacity(batch.len());
         // Each barrier is waited for once; an op whose fsync failed is dropped from the
         // batch with that error and the rest are applied again in a fresh transaction.
@@ -672,7 +711,11 @@ impl Meta {
         resolved: &mut HashMap<u64, Result<()>>,
     ) -> Result<Vec<Result<Outcome>>> {
         let mut txn = self.db.begin_write()?;
-        txn.set_quick_repair(true);
+        if batch.iter().any(|(_, op)| op.needs_durability())
+            || txn.set_durability(redb::Durability::None).is_err()
+        {
+            txn.set_quick_repair(true);
+        }
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut tx = Tx::open(&txn)?;
@@ -1132,69 +1175,28 @@ impl<'t> Tx<'t> {
     /// The collector's re-check and delete. A candidate goes only if, now, nothing holds
     /// it, no stored parent names it, and it was not touched within the grace period.
     fn sweep(&mut self, op: &SweepOp) -> Result<Result<Outcome>> {
+        let start = std::time::Instant::now();
         let mut sw = Sweep::default();
         let any_referrers = self.referrers.iter()?.next().is_some();
         let mut dead: HashMap<u64, u64> = HashMap::new();
-        for d in &op.candidates {
-            let key = d.key();
-            let Some(e) = self.entry(d)? else {
-                continue;
-            };
-            let held = self.holds.get(&*key)?.map_or(0, |v| v.value());
-            let mut refs = self.refcount.get(&*key)?.map_or(0, |v| v.value());
-            let image = matches!(e.kind, Kind::Manifest | Kind::Index);
-            // Only manifests and indexes can be referrers.
-            let subject = if image {
-                self.referrer_of
-                    .get(&*key)?
-                    .map(|v| Digest::from_key(v.value()))
-                    .transpose()?
-            } else {
-                None
-            };
-            let subject_edge = match &subject {
-                Some(s) => self
-                    .referrers
-                    .get(&*s.key())?
-                    .any(|r| r.is_ok_and(|r| r.value() == &*key)),
-                None => false,
-            };
-            if op.drop_referrers && subject_edge {
-                refs -= 1;
+        for (n, d) in op.candidates.iter().enumerate() {
+            if n > 0 && n % 64 == 0 && start.elapsed() > SWEEP_BUDGET {
+                sw.deferred.extend_from_slice(&op.candidates[n..]);
+                break;
             }
-            if held > 0 || refs > 0 || e.touched_ms >= op.keep_touched_after_ms {
-                sw.kept.push(*d);
-                continue;
-            }
-            if let Some(s) = &subject {
-                // Unhook it from its subject (stored or pending).
-                if subject_edge {
-                    self.referrers.remove(&*s.key(), &*key)?;
-                    self.refcount.remove(&*key)?;
+            // A deletion cascades to children it leaves without parents, in this same
+            // transaction: each goes through the same re-check.
+            let mut work = vec![*d];
+            while let Some(d) = work.pop() {
+                let mut orphaned = Vec::new();
+                match self.sweep_one(&d, op, any_referrers, &mut dead, &mut orphaned)? {
+                    Swept::Deleted(e) => sw.deleted.push((d, e)),
+                    Swept::Gone => {}
+                    Swept::Live if d == op.candidates[n] => sw.kept.push(d),
+                    Swept::Live => sw.orphaned.push(d),
                 }
-                self.pending.remove(&*s.key(), &*key)?;
-                self.referrer_of.remove(&*key)?;
+                work.extend(orphaned);
             }
-            self.blobs.remove(&*key)?;
-            self.c.blobs -= 1;
-            self.c.bytes -= e.size;
-            match e.location {
-                Location::Large { .. } => {
-                    self.c.large_blobs -= 1;
-                    self.c.large_bytes -= e.size;
-                }
-                Location::Packed { segment, .. } => {
-                    *dead.entry(segment).or_default() += RECORD_HEADER_LEN + e.stored_len;
-                }
-            }
-            // Parents go before children: what this leaves without parents is re-checked.
-            if image {
-                self.drop_edges(d, false, &mut sw.orphaned)?;
-            }
-            if any_referrers {
-                self.drop_edges(d, true, &mut sw.orphaned)?;
-            }
-            sw.deleted.push((*d, e));
         }
         for (segment, bytes) in dead {
             let row = self
@@ -1214,6 +1216,75 @@ impl<'t> Tx<'t> {
             sweep: sw,
             ..Outcome::default()
         }))
+    }
+
+    /// Re-checks one blob and deletes it if it is garbage now; children it orphans go to
+    /// `orphaned`.
+    fn sweep_one(
+        &mut self,
+        d: &Digest,
+        op: &SweepOp,
+        any_referrers: bool,
+        dead: &mut HashMap<u64, u64>,
+        orphaned: &mut Vec<Digest>,
+    ) -> Result<Swept> {
+        let key = d.key();
+        let Some(e) = self.entry(d)? else {
+            return Ok(Swept::Gone);
+        };
+        let held = self.holds.get(&*key)?.map_or(0, |v| v.value());
+        let mut refs = self.refcount.get(&*key)?.map_or(0, |v| v.value());
+        let image = matches!(e.kind, Kind::Manifest | Kind::Index);
+        // Only manifests and indexes can be referrers.
+        let subject = if image {
+            self.referrer_of
+                .get(&*key)?
+                .map(|v| Digest::from_key(v.value()))
+                .transpose()?
+        } else {
+            None
+        };
+        let subject_edge = match &subject {
+            Some(s) => self
+                .referrers
+                .get(&*s.key())?
+                .any(|r| r.is_ok_and(|r| r.value() == &*key)),
+            None => false,
+        };
+        if op.drop_referrers && subject_edge {
+            refs -= 1;
+        }
+        if held > 0 || refs > 0 || e.touched_ms >= op.keep_touched_after_ms {
+            return Ok(Swept::Live);
+        }
+        if let Some(s) = &subject {
+            // Unhook it from its subject (stored or pending).
+            if subject_edge {
+                self.referrers.remove(&*s.key(), &*key)?;
+                self.refcount.remove(&*key)?;
+            }
+            self.pending.remove(&*s.key(), &*key)?;
+            self.referrer_of.remove(&*key)?;
+        }
+        self.blobs.remove(&*key)?;
+        self.c.blobs -= 1;
+        self.c.bytes -= e.size;
+        match e.location {
+            Location::Large { .. } => {
+                self.c.large_blobs -= 1;
+                self.c.large_bytes -= e.size;
+            }
+            Location::Packed { segment, .. } => {
+                *dead.entry(segment).or_default() += RECORD_HEADER_LEN + e.stored_len;
+            }
+        }
+        if image {
+            self.drop_edges(d, false, orphaned)?;
+        }
+        if any_referrers {
+            self.drop_edges(d, true, orphaned)?;
+        }
+        Ok(Swept::Deleted(e))
     }
 
     /// Compaction: repoint each moved blob whose entry still names its old record (a

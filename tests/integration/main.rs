@@ -10,6 +10,7 @@ mod common;
 mod concurrency;
 mod crash;
 mod dedupe;
+mod gc;
 mod images;
 mod ingest;
 mod interop;
