@@ -747,8 +747,9 @@ impl Store {
             let kind = kinds[d];
             outcome.blobs += 1;
             outcome.bytes += s.size;
-            if self.contains(d)? {
-                // Refreshed in the commit, like any put of existing content.
+            if self.contains(d)? && !matches!(kind, Kind::Manifest | Kind::Index) {
+                // Refreshed in the commit, like any put of existing content. (Manifests
+                // go through the batch: one stored plainly gains its edges.)
                 batch.touch_existing(*d);
                 continue;
             }

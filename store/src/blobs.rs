@@ -146,7 +146,7 @@ impl SegView {
                 m.clone()
             } else {
                 let f = open_segment(&self.path)?;
-                let m = Arc::new(Map::new(&f, &self.path, sealed_len)?);
+                let m = Arc::new(Map::new(&f, &self.path, sealed_len, false)?);
                 self.map.get_or_init(|| m).clone()
             };
             if end > map.bytes().len() as u64 {
@@ -369,6 +369,38 @@ impl Files {
         sys::sync_dir(&self.shard_dir(shard))
     }
 
+    /// Reads the record header of a stored blob with `pread` (never through a mapping, so a
+    /// short file is an error). `segment_shard` names the shard of a packed blob's segment.
+    pub fn record_header(
+        &self,
+        d: &Digest,
+        location: crate::meta::Location,
+        segment_shard: Option<u32>,
+    ) -> Result<RecordHeader> {
+        let (path, at) = match location {
+            crate::meta::Location::Packed { segment, offset } => {
+                let shard = segment_shard.ok_or_else(|| {
+                    Error::Corrupt(format!("index names unknown segment {segment}"))
+                })?;
+                let at = offset.checked_sub(RECORD_HEADER_LEN).ok_or_else(|| {
+                    Error::Corrupt(format!("payload offset {offset} inside the segment header"))
+                })?;
+                (self.segment_path(shard, segment), at)
+            }
+            crate::meta::Location::Large { generation } => (self.large_path(d, generation), 0),
+        };
+        let f = File::open(&path).map_err(|e| missing_is_corrupt(e, &path))?;
+        let mut hdr = [0u8; RECORD_HEADER_LEN as usize];
+        f.read_exact_at(&mut hdr, at).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                Error::Corrupt(format!("{}: short read at {at}", path.display()))
+            }
+            _ => Error::io("read", &path, e),
+        })?;
+        RecordHeader::decode(&hdr)
+            .map_err(|e| Error::bad_header(format!("{} at {at}", path.display()), &e))
+    }
+
     /// Reads `len` payload bytes at `offset` of segment `id`.
     pub fn read_packed(&self, id: u64, offset: u64, len: u64) -> Result<Blob> {
         let v = self
@@ -391,7 +423,7 @@ impl Files {
             _ => Error::io("open", &path, e),
         })?;
         let total = RECORD_HEADER_LEN + len;
-        let map = Arc::new(Map::new(&f, &path, total)?);
+        let map = Arc::new(Map::new(&f, &path, total, true)?);
         Ok(Blob::mapped(
             map,
             RECORD_HEADER_LEN as usize..total as usize,

@@ -130,6 +130,44 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the store: blake3 (`--fast`), OCI digests (default), or everything (`--deep`).
+    /// Exit status 3 when problems are found.
+    Verify {
+        /// Only blake3 of stored bytes against the index.
+        #[arg(long, conflicts_with = "deep")]
+        fast: bool,
+        /// Also layers against `diff_ids`, JSON, the graph, segments, orphans.
+        #[arg(long)]
+        deep: bool,
+        /// Quarantine corrupt blobs and rebuild reference counts.
+        #[arg(long)]
+        repair: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the index from the self-describing pack records and large files.
+    Repair {
+        /// Required: the index (meta.redb) is moved aside and rebuilt.
+        #[arg(long, required = true)]
+        rebuild_index: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply an image's layers into a new directory (a root filesystem).
+    Unpack {
+        /// The image (name or digest).
+        reference: String,
+        /// The directory to create.
+        dir: PathBuf,
+        /// For an index: `os/arch[/variant]` (default: this machine's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Images: `store image prune [--all]`.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -502,6 +540,87 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                 print_gc(out, &report).map_err(stdout_err)?;
             }
         }
+        Command::Verify {
+            fast,
+            deep,
+            repair,
+            json,
+        } => {
+            let store = open_existing()?;
+            let depth = if *fast {
+                crate::Depth::Fast
+            } else if *deep {
+                crate::Depth::Deep
+            } else {
+                crate::Depth::Digest
+            };
+            let total = store.info()?.bytes;
+            let bar = progress(total, cli.quiet || *json);
+            let report = store.verify(
+                &crate::VerifyOptions::depth(depth).repair(*repair),
+                &AtomicBool::new(false),
+                &|n| bar.set_position(n),
+            )?;
+            bar.finish_and_clear();
+            if *json {
+                write_json(out, &report)?;
+            } else {
+                print_verify(out, &report).map_err(stdout_err)?;
+            }
+            if !report.problems.is_empty() {
+                out.flush().map_err(stdout_err)?;
+                return Err(Error::ProblemsFound(report.problems.len()));
+            }
+        }
+        Command::Repair { json, .. } => {
+            let report = crate::repair::rebuild_index(&root)?;
+            if *json {
+                write_json(out, &report)?;
+            } else {
+                writeln!(
+                    out,
+                    "recovered {} blobs ({} manifests and indexes, {} edges) from {} segments and {} large files\n\
+                     they are held by lease {:?}: re-create names (store tag / import), then `store lease rm {}`\n\
+                     lost for good (they live only in the index): names, containers, leases",
+                    report.blobs,
+                    report.manifests,
+                    report.edges,
+                    report.segments,
+                    report.large_files,
+                    crate::gc::RECOVERED_LEASE,
+                    crate::gc::RECOVERED_LEASE
+                )
+                .map_err(stdout_err)?;
+                if let Some(p) = &report.old_index {
+                    writeln!(out, "the old index was moved to {}", p.display())
+                        .map_err(stdout_err)?;
+                }
+            }
+        }
+        Command::Unpack {
+            reference,
+            dir,
+            platform,
+            json,
+        } => {
+            let store = open_existing()?;
+            let mut opts = crate::unpack::UnpackOptions::default();
+            opts.platform.clone_from(platform);
+            let report = store.unpack(reference, dir, &opts)?;
+            if *json {
+                write_json(out, &report)?;
+            } else {
+                writeln!(
+                    out,
+                    "unpacked {} layers ({} entries, {}) into {}",
+                    report.layers,
+                    report.entries,
+                    human_bytes(report.bytes),
+                    dir.display()
+                )
+                .map_err(stdout_err)?;
+            }
+        }
         Command::Df { json } => {
             let u = open_existing()?.disk_usage()?;
             if *json {
@@ -670,6 +789,46 @@ fn print_details(out: &mut dyn Write, d: &crate::catalog::ImageDetails) -> std::
     }
     if !d.containers.is_empty() {
         writeln!(out, "Containers: {}", d.containers.join(", "))?;
+    }
+    Ok(())
+}
+
+fn print_verify(out: &mut dyn Write, r: &crate::VerifyReport) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "checked {} blobs ({}) at depth {:?} in {} ms: {} problem(s)",
+        r.blobs,
+        human_bytes(r.bytes),
+        r.depth,
+        r.elapsed_ms,
+        r.problems.len()
+    )?;
+    for p in &r.problems {
+        let what = p
+            .digest
+            .map(|d| d.to_string())
+            .or_else(|| p.path.as_ref().map(|p| p.display().to_string()))
+            .unwrap_or_default();
+        writeln!(out, "  {:<13} {what}: {}", p.kind, p.detail)?;
+        if !p.images.is_empty() {
+            writeln!(out, "                affects: {}", p.images.join(", "))?;
+        }
+    }
+    if let Some(rep) = &r.repaired {
+        writeln!(
+            out,
+            "repaired: {} blob(s) quarantined, {} refcount(s) and {} hold(s) rewritten",
+            rep.quarantined.len(),
+            rep.refcounts_fixed,
+            rep.holds_fixed
+        )?;
+        for (image, missing) in &rep.images_lacking {
+            writeln!(
+                out,
+                "  {image} now lacks {} blob(s): re-import or re-pull it",
+                missing.len()
+            )?;
+        }
     }
     Ok(())
 }

@@ -103,6 +103,9 @@ pub enum Error {
     /// An archive or layout is malformed or unsafe.
     #[error("invalid archive: {0}")]
     Archive(String),
+    /// `verify` found problems (the CLI exits with status 3).
+    #[error("{0} problem(s) found")]
+    ProblemsFound(usize),
     /// The operation was interrupted by its caller.
     #[error("interrupted")]
     Interrupted,

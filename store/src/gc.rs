@@ -254,6 +254,11 @@ impl Store {
         interrupt: &AtomicBool,
         between: &mut dyn FnMut(),
     ) -> Result<GcReport> {
+        let _one_at_a_time = self
+            .inner
+            .gc_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut report = GcReport {
             dry_run: opts.dry_run,
             ..GcReport::default()

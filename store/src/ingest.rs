@@ -336,7 +336,8 @@ impl Ingest {
         let kind = self.opts.kind.unwrap_or(Kind::Other);
         let desc = Descriptor { digest, size };
         let inner = &self.store.inner;
-        if size < inner.opts.large_threshold {
+        // Manifests and indexes go through the batch path, which parses them for edges.
+        if size < inner.opts.large_threshold || matches!(kind, Kind::Manifest | Kind::Index) {
             let mut data = vec![0u8; size as usize];
             self.file
                 .read_exact_at(&mut data, RECORD_HEADER_LEN)
@@ -373,7 +374,7 @@ impl Ingest {
             blake3,
             kind,
         };
-        inner.commit_large(&item, size, generation)?;
+        inner.commit_large(&item, size, generation, self.opts.lease.clone())?;
         Ok(desc)
     }
 }

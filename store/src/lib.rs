@@ -30,8 +30,11 @@ mod map;
 mod meta;
 pub mod reference;
 mod refs;
+pub mod repair;
 mod store;
 mod sys;
+pub mod unpack;
+pub mod verify;
 
 pub use archive::{ExportFormat, ImportOptions, ImportOutcome, ImportedImage};
 pub use blobs::Blob;
@@ -46,3 +49,4 @@ pub use refs::Lease;
 pub use store::{
     BlobInfo, BlobIter, Descriptor, Info, ManifestPut, Options, PutOptions, Snapshot, Store,
 };
+pub use verify::{Depth, Problem, VerifyOptions, VerifyReport};

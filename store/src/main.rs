@@ -16,6 +16,12 @@ fn main() -> ExitCode {
         {
             ExitCode::SUCCESS
         }
+        // Problems are in the report already; the status says there were some.
+        Err(layerstore::Error::ProblemsFound(n)) => {
+            drop(out);
+            eprintln!("store: {n} problem(s) found");
+            ExitCode::from(3)
+        }
         Err(e) => {
             drop(out);
             eprintln!("store: error: {e}");

@@ -17,11 +17,12 @@ pub struct Map {
 }
 
 impl Map {
-    /// Maps `len` bytes of `file` (which lives at `path`, for error messages).
+    /// Maps `len` bytes of `file` (which lives at `path`, for error messages), advising the
+    /// kernel of `sequential` or random access.
     ///
     /// Fails with [`Error::Corrupt`] if the file is shorter than `len`, so that a short
     /// file is an error here rather than a SIGBUS on access.
-    pub fn new(file: &File, path: &Path, len: u64) -> Result<Map> {
+    pub fn new(file: &File, path: &Path, len: u64, sequential: bool) -> Result<Map> {
         let actual = file.metadata().ctx("stat", path)?.len();
         if actual < len {
             return Err(Error::Corrupt(format!(
@@ -44,8 +45,12 @@ impl Map {
         // the contract, as it is for every mmap-based store.
         let map =
             unsafe { memmap2::MmapOptions::new().len(len_usize).map(file) }.ctx("mmap", path)?;
-        #[cfg(unix)]
-        let _ = map.advise(memmap2::Advice::Random);
+        // Segments are read a record at a time; large files front to back.
+        let _ = map.advise(if sequential {
+            memmap2::Advice::Sequential
+        } else {
+            memmap2::Advice::Random
+        });
         Ok(Map { map: Some(map) })
     }
 

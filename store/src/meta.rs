@@ -294,6 +294,11 @@ pub(crate) enum Op {
     Sweep(SweepOp),
     /// Point blobs at their copies in a new segment (compaction) and retire the old one.
     Relocate(RelocateOp),
+    /// Remove corrupt blobs from the index whatever holds them (`verify --repair`): their
+    /// parents keep naming them, so a re-import restores them in place.
+    Quarantine(Vec<Digest>),
+    /// Recompute `refcount` and `holds` from edges, names, containers and leases.
+    RebuildCounts,
 }
 
 /// The collector's deletion of one batch of candidates.
@@ -393,6 +398,8 @@ pub(crate) struct Outcome {
     pub sweep: Sweep,
     /// Leases removed by `ExpireLeases`.
     pub expired: Vec<String>,
+    /// `RebuildCounts`: (refcounts, holds) rewritten.
+    pub rebuilt: (u64, u64),
 }
 
 #[derive(Default)]
@@ -454,10 +461,13 @@ impl Meta {
             }
         };
         match existing {
-            Some((Some(SCHEMA_VERSION), n)) => u32::try_from(n)
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(|| Error::Corrupt(format!("shard count {n}"))),
+            Some((Some(SCHEMA_VERSION), n)) => {
+                self.ensure_tables()?;
+                u32::try_from(n)
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| Error::Corrupt(format!("shard count {n}")))
+            }
             Some((Some(v), _)) => Err(Error::Corrupt(format!(
                 "schema version {v}; this build reads {SCHEMA_VERSION}"
             ))),
@@ -486,6 +496,29 @@ impl Meta {
                 Ok(shards)
             }
         }
+    }
+
+    /// Creates tables a store made by an earlier build of this schema lacks (only when
+    /// one is missing: an open normally writes nothing).
+    fn ensure_tables(&self) -> Result<()> {
+        let missing = {
+            let txn = self.read()?;
+            matches!(
+                txn.open_table(REFERRER_OF),
+                Err(redb::TableError::TableDoesNotExist(_))
+            ) || matches!(
+                txn.open_multimap_table(REFERRERS),
+                Err(redb::TableError::TableDoesNotExist(_))
+            )
+        };
+        if missing {
+            let mut txn = self.db.begin_write()?;
+            txn.set_quick_repair(true);
+            txn.open_multimap_table(REFERRERS)?;
+            txn.open_table(REFERRER_OF)?;
+            txn.commit()?;
+        }
+        Ok(())
     }
 
     /// A read snapshot.
@@ -835,6 +868,29 @@ impl<'t> Tx<'t> {
             Op::ExpireLeases { now_ms } => self.expire_leases(*now_ms),
             Op::Sweep(op) => self.sweep(op),
             Op::Relocate(op) => self.relocate(op),
+            Op::Quarantine(ds) => {
+                let op = SweepOp {
+                    candidates: Vec::new(),
+                    keep_touched_after_ms: u64::MAX,
+                    drop_referrers: false,
+                };
+                let mut dead = HashMap::new();
+                let mut sw = Sweep::default();
+                for d in ds {
+                    let mut ignored = Vec::new();
+                    if let Swept::Deleted(e) =
+                        self.sweep_one(d, &op, true, true, &mut dead, &mut ignored)?
+                    {
+                        sw.deleted.push((*d, e));
+                    }
+                }
+                self.add_dead(dead)?;
+                Ok(Ok(Outcome {
+                    sweep: sw,
+                    ..Outcome::default()
+                }))
+            }
+            Op::RebuildCounts => self.rebuild_counts(),
             Op::LeaseRemove(id) => {
                 if self.leases.remove(id.as_str())?.is_none() {
                     return Ok(Err(Error::LeaseNotFound(id.clone())));
@@ -982,6 +1038,7 @@ impl<'t> Tx<'t> {
         let mut order: Vec<usize> = (0..p.blobs.len()).collect();
         order.sort_unstable_by_key(|&i| p.blobs[i].digest);
         let mut inserted = Vec::with_capacity(p.blobs.len());
+        let mut lost_images: Vec<usize> = Vec::new();
         for i in order {
             let b = &p.blobs[i];
             let key = b.digest.key();
@@ -1007,6 +1064,9 @@ impl<'t> Tx<'t> {
                     row.dead_bytes += b.record_len;
                 }
                 outcome.lost.push(i);
+                if !b.children.is_empty() {
+                    lost_images.push(i);
+                }
                 continue;
             }
             self.c.blobs += 1;
@@ -1020,10 +1080,26 @@ impl<'t> Tx<'t> {
         outcome.lost.sort_unstable();
         // Edges of the new blobs, in the transaction that makes them visible.
         let mut linked: Vec<&NewBlob> = inserted.iter().map(|&i| &p.blobs[i]).collect();
+        for &i in &lost_images {
+            // The stored copy won a race; if it was stored plainly it has no edges yet.
+            let b = &p.blobs[i];
+            if !self.has_edges(&b.digest)?
+                && let Some(e) = self.entry(&b.digest)?
+            {
+                let e = BlobEntry {
+                    kind: b.entry.kind,
+                    ..e
+                };
+                self.blobs.insert(&*b.digest.key(), &e.encode()[..])?;
+                linked.push(b);
+            }
+        }
+        let mut relink: Vec<&NewBlob> = Vec::new();
         for u in &p.upgrade {
             match self.entry(&u.digest)? {
                 None => outcome.missing.push(u.digest),
-                Some(e) if matches!(e.kind, Kind::Manifest | Kind::Index) => {
+                Some(e) if self.has_edges(&u.digest)? || u.children.is_empty() => {
+                    let _ = e;
                     self.touch(&u.digest)?;
                 }
                 Some(e) => {
@@ -1033,10 +1109,11 @@ impl<'t> Tx<'t> {
                         ..e
                     };
                     self.blobs.insert(&*u.digest.key(), &e.encode()[..])?;
-                    linked.push(u);
+                    relink.push(u);
                 }
             }
         }
+        linked.extend(relink);
         for b in &linked {
             self.link(b)?;
         }
@@ -1078,12 +1155,19 @@ impl<'t> Tx<'t> {
         Ok(Ok(outcome))
     }
 
+    /// Whether `d` has outgoing edges (a manifest or index stored as one has).
+    fn has_edges(&self, d: &Digest) -> Result<bool> {
+        Ok(self.edges.get(&*d.key())?.next().is_some())
+    }
+
     /// Adds a new manifest's or index's edges (giving plainly stored children the kind it
     /// names them by), and attaches referrers that were waiting for it.
     fn link(&mut self, b: &NewBlob) -> Result<()> {
         for (c, kind) in &b.children {
             self.add_edge(&b.digest, c, false)?;
-            if *kind != Kind::Other
+            // Only data kinds: a child manifest becomes one when it is stored as one
+            // (and so gains its own edges), never by hearsay.
+            if matches!(kind, Kind::Config | Kind::Layer)
                 && let Some(e) = self.entry(c)?
                 && e.kind == Kind::Other
             {
@@ -1189,7 +1273,7 @@ impl<'t> Tx<'t> {
             let mut work = vec![*d];
             while let Some(d) = work.pop() {
                 let mut orphaned = Vec::new();
-                match self.sweep_one(&d, op, any_referrers, &mut dead, &mut orphaned)? {
+                match self.sweep_one(&d, op, any_referrers, false, &mut dead, &mut orphaned)? {
                     Swept::Deleted(e) => sw.deleted.push((d, e)),
                     Swept::Gone => {}
                     Swept::Live if d == op.candidates[n] => sw.kept.push(d),
@@ -1198,6 +1282,14 @@ impl<'t> Tx<'t> {
                 work.extend(orphaned);
             }
         }
+        self.add_dead(dead)?;
+        Ok(Ok(Outcome {
+            sweep: sw,
+            ..Outcome::default()
+        }))
+    }
+
+    fn add_dead(&mut self, dead: HashMap<u64, u64>) -> Result<()> {
         for (segment, bytes) in dead {
             let row = self
                 .segs
@@ -1212,8 +1304,35 @@ impl<'t> Tx<'t> {
                 self.segs.insert(segment, &row.encode()[..])?;
             }
         }
+        Ok(())
+    }
+
+    fn rebuild_counts(&mut self) -> Result<Result<Outcome>> {
+        let mut indegree: HashMap<Vec<u8>, u64> = HashMap::new();
+        for table in [&self.edges, &self.referrers] {
+            for r in table.iter()? {
+                for c in r?.1 {
+                    *indegree.entry(c?.value().to_vec()).or_default() += 1;
+                }
+            }
+        }
+        let mut holders: HashMap<Vec<u8>, u64> = HashMap::new();
+        for r in self.names.iter()? {
+            *holders.entry(r?.1.value().to_vec()).or_default() += 1;
+        }
+        for r in self.containers.iter()? {
+            let rec: ContainerRecord = unjson(r?.1.value())?;
+            *holders.entry(rec.image.key().to_vec()).or_default() += 1;
+        }
+        for r in self.lease_res.iter()? {
+            for d in r?.1 {
+                *holders.entry(d?.value().to_vec()).or_default() += 1;
+            }
+        }
+        let fixed_rc = rewrite_counts(&mut self.refcount, &indegree)?;
+        let fixed_holds = rewrite_counts(&mut self.holds, &holders)?;
         Ok(Ok(Outcome {
-            sweep: sw,
+            rebuilt: (fixed_rc, fixed_holds),
             ..Outcome::default()
         }))
     }
@@ -1225,6 +1344,7 @@ impl<'t> Tx<'t> {
         d: &Digest,
         op: &SweepOp,
         any_referrers: bool,
+        force: bool,
         dead: &mut HashMap<u64, u64>,
         orphaned: &mut Vec<Digest>,
     ) -> Result<Swept> {
@@ -1254,10 +1374,12 @@ impl<'t> Tx<'t> {
         if op.drop_referrers && subject_edge {
             refs -= 1;
         }
-        if held > 0 || refs > 0 || e.touched_ms >= op.keep_touched_after_ms {
+        if !force && (held > 0 || refs > 0 || e.touched_ms >= op.keep_touched_after_ms) {
             return Ok(Swept::Live);
         }
-        if let Some(s) = &subject {
+        // A forced removal (quarantine) keeps the blob's incoming edges: it comes back in
+        // place when re-stored.
+        if let Some(s) = subject.as_ref().filter(|_| !force) {
             // Unhook it from its subject (stored or pending).
             if subject_edge {
                 self.referrers.remove(&*s.key(), &*key)?;
@@ -1424,6 +1546,35 @@ impl<'t> Tx<'t> {
         self.unhold(&rec.image.key())?;
         Ok(Ok(Outcome::default()))
     }
+}
+
+/// Makes `table` equal `want` (absent = 0). Returns the number of keys changed.
+fn rewrite_counts(
+    table: &mut redb::Table<'_, &'static [u8], u64>,
+    want: &HashMap<Vec<u8>, u64>,
+) -> Result<u64> {
+    let mut have: HashMap<Vec<u8>, u64> = HashMap::new();
+    for r in table.iter()? {
+        let (k, v) = r?;
+        have.insert(k.value().to_vec(), v.value());
+    }
+    let mut fixed = 0;
+    for (k, v) in &have {
+        if want.get(k) != Some(v) {
+            fixed += 1;
+            match want.get(k) {
+                Some(n) => table.insert(&k[..], *n)?,
+                None => table.remove(&k[..])?,
+            };
+        }
+    }
+    for (k, n) in want {
+        if !have.contains_key(k) {
+            fixed += 1;
+            table.insert(&k[..], *n)?;
+        }
+    }
+    Ok(fixed)
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {

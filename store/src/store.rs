@@ -223,6 +223,8 @@ pub(crate) struct Inner {
     shards: Vec<Mutex<ShardWriter>>,
     next_shard: AtomicUsize,
     pub ingests: Mutex<HashSet<String>>,
+    /// One collection at a time per process.
+    pub gc_lock: Mutex<()>,
     _lock: File,
 }
 
@@ -379,6 +381,7 @@ impl Store {
                 shards: writers.into_iter().map(Mutex::new).collect(),
                 next_shard: AtomicUsize::new(0),
                 ingests: Mutex::new(HashSet::new()),
+                gc_lock: Mutex::new(()),
                 _lock: lock,
             }),
         })
@@ -399,6 +402,17 @@ impl Store {
     #[allow(clippy::needless_pass_by_value)] // options are built inline by callers
     pub fn put_with(&self, data: &[u8], opts: PutOptions) -> Result<Descriptor> {
         let alg = opts.expected.map_or(Algorithm::Sha256, |d| d.algorithm());
+        let kind = opts.kind.unwrap_or(Kind::Other);
+        let known = match opts.expected {
+            Some(d) => self.contains(&d)?,
+            None => false,
+        };
+        if data.len() as u64 >= self.inner.opts.large_threshold
+            && !known
+            && !matches!(kind, Kind::Manifest | Kind::Index)
+        {
+            return self.put_large(data, &opts, alg, kind);
+        }
         let mut h = DualHasher::new(alg);
         h.update(data);
         let (digest, blake3) = h.finish();
@@ -410,6 +424,89 @@ impl Store {
             kind: opts.kind.unwrap_or(Kind::Other),
         };
         self.inner.store_hashed(&[item], &opts)?;
+        Ok(Descriptor {
+            digest,
+            size: data.len() as u64,
+        })
+    }
+
+    /// A large blob in one pass: each chunk is written to its file while it is hashed
+    /// (the OCI hash on one core, blake3 and the write on the other), so the data is
+    /// mostly on its way to the disk when hashing ends; then header, fsync, rename, commit.
+    fn put_large(
+        &self,
+        data: &[u8],
+        opts: &PutOptions,
+        alg: Algorithm,
+        kind: Kind,
+    ) -> Result<Descriptor> {
+        let files = &self.inner.files;
+        let tmp = files.tmp_path();
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .ctx("create", &tmp)?;
+        let written = (|| {
+            let mut h = DualHasher::new(alg);
+            let mut at = RECORD_HEADER_LEN;
+            for chunk in data.chunks(1 << 20) {
+                let (w, ()) = h.update_overlapped(
+                    chunk,
+                    || std::os::unix::fs::FileExt::write_all_at(&file, chunk, at),
+                    || (),
+                );
+                w.ctx("write", &tmp)?;
+                at += chunk.len() as u64;
+            }
+            let (digest, blake3) = h.finish();
+            check_expected(opts, digest, data.len() as u64)?;
+            let header = RecordHeader {
+                digest,
+                kind,
+                flags: 0,
+                stored_len: data.len() as u64,
+                raw_len: data.len() as u64,
+                blake3,
+            };
+            std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0)
+                .ctx("write", &tmp)?;
+            Ok((digest, blake3))
+        })();
+        let (digest, blake3) = match written {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let item = Hashed {
+            data: &[],
+            digest,
+            blake3,
+            kind,
+        };
+        if self.contains(&digest)? {
+            // Stored meanwhile (or before, without an expected digest to tell us): keep
+            // the stored copy, refresh it.
+            let _ = std::fs::remove_file(&tmp);
+            match &opts.lease {
+                Some(l) => self.lease_add(l, &[digest])?,
+                None => {
+                    self.ensure(&digest)?;
+                }
+            }
+        } else {
+            let generation = match files.install_large(&tmp, &file, &digest) {
+                Ok(g) => g,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            };
+            self.inner
+                .commit_large(&item, data.len() as u64, generation, opts.lease.clone())?;
+        }
         Ok(Descriptor {
             digest,
             size: data.len() as u64,
@@ -506,7 +603,7 @@ impl Store {
     pub fn snapshot(&self) -> Result<Snapshot<'_>> {
         Ok(Snapshot {
             store: self,
-            txn: self.inner.meta.read()?,
+            blobs: self.inner.meta.read()?.open_table(crate::meta::BLOBS)?,
         })
     }
 
@@ -685,13 +782,20 @@ impl Inner {
     /// Commits a large blob whose record file is already installed under `generation`.
     /// Returns whether it was new (false: the digest was stored meanwhile; the file was
     /// removed).
-    pub fn commit_large(&self, it: &Hashed<'_>, size: u64, generation: u64) -> Result<bool> {
+    pub fn commit_large(
+        &self,
+        it: &Hashed<'_>,
+        size: u64,
+        generation: u64,
+        lease: Option<String>,
+    ) -> Result<bool> {
         let mut nb = new_blob(it, Location::Large { generation }, &Graph::default());
         nb.entry.size = size;
         nb.entry.stored_len = size;
         let path = self.files.large_path(&it.digest, generation);
         match self.meta.submit(Op::Put(PutOp {
             blobs: vec![nb],
+            lease,
             ..PutOp::default()
         })) {
             Ok(o) if o.lost.is_empty() => Ok(true),
@@ -1009,18 +1113,25 @@ fn new_blob(it: &Hashed<'_>, location: Location, graph: &Graph) -> NewBlob {
 /// A consistent read view of the index (a redb read transaction).
 pub struct Snapshot<'s> {
     store: &'s Store,
-    txn: redb::ReadTransaction,
+    /// The `blobs` table, opened once for every lookup through this snapshot.
+    blobs: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
 }
 
 impl Snapshot<'_> {
+    fn entry(&self, d: &Digest) -> Result<Option<BlobEntry>> {
+        redb::ReadableTable::get(&self.blobs, &*d.key())?
+            .map(|v| BlobEntry::decode(v.value()))
+            .transpose()
+    }
+
     /// What the index knows about a blob, or `None`.
     pub fn stat(&self, d: &Digest) -> Result<Option<BlobInfo>> {
-        Ok(Meta::entry(&self.txn, d)?.map(|e| BlobInfo::new(*d, &e)))
+        Ok(self.entry(d)?.map(|e| BlobInfo::new(*d, &e)))
     }
 
     /// The bytes of a blob; [`Error::NotFound`] if absent.
     pub fn get(&self, d: &Digest) -> Result<Blob> {
-        let e = Meta::entry(&self.txn, d)?.ok_or(Error::NotFound(*d))?;
+        let e = self.entry(d)?.ok_or(Error::NotFound(*d))?;
         let files = &self.store.inner.files;
         match e.location {
             Location::Packed { segment, offset } => {

@@ -1,0 +1,701 @@
+//! Unpacking an image's layers into a root filesystem, safely.
+//!
+//! This module owns the application of layer tars to a directory: regular files,
+//! directories, symlinks, hardlinks, modes, mtimes, ownership (as root), xattrs (where the
+//! file system allows), device nodes (as root only), and the OCI whiteouts (`.wh.NAME`
+//! deletes NAME from lower layers; `.wh..wh..opq` hides every lower child of its
+//! directory). Layers are untrusted input: every file-system call is made relative to an
+//! already-open directory with `*at` calls and `O_NOFOLLOW`, so a symlink written by a
+//! layer is never followed — a later entry under it replaces it with a directory, as
+//! overlayfs shows it — and `..` or absolute paths are refused. Decompression of the next
+//! layers runs on other threads while the current one is applied, and each layer's
+//! `diff_id` is checked as it streams. The tree is built in a temporary sibling and
+//! renamed into place, so a failure leaves no half-made directory.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Instant;
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timestamps};
+
+use crate::digest::{Algorithm, Digest, Hasher};
+use crate::error::{Error, IoContext, Result};
+use crate::format::Kind;
+use crate::image;
+use crate::store::Store;
+
+/// Choices for [`Store::unpack`].
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct UnpackOptions {
+    /// For an index: `os/arch[/variant]` (default: this machine's, e.g. `linux/amd64`).
+    pub platform: Option<String>,
+}
+
+/// What an unpack did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UnpackReport {
+    /// The manifest unpacked.
+    pub manifest: Option<Digest>,
+    /// Layers applied.
+    pub layers: usize,
+    /// Tar entries applied.
+    pub entries: u64,
+    /// Bytes of file contents written.
+    pub bytes: u64,
+    /// Device nodes skipped (not running as root).
+    pub skipped_devices: u64,
+    /// Extended attributes the file system refused.
+    pub skipped_xattrs: u64,
+    /// Wall time in milliseconds.
+    pub elapsed_ms: u64,
+}
+
+/// This machine's platform in OCI terms.
+pub fn host_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        a => a,
+    };
+    format!("linux/{arch}")
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Archive(msg.into())
+}
+
+/// Splits an entry path into components, refusing absolute paths and `..`.
+fn components(p: &str) -> Result<Vec<String>> {
+    if p.starts_with('/') {
+        return Err(bad(format!("layer entry {p:?} is an absolute path")));
+    }
+    let mut out = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(bad(format!("layer entry {p:?} leaves the root"))),
+            c => out.push(c.to_owned()),
+        }
+    }
+    Ok(out)
+}
+
+/// Chunks of one layer's decompressed bytes, then the sha256 of all of them.
+enum Chunk {
+    Data(Vec<u8>),
+    Done(std::io::Result<Digest>),
+}
+
+/// Decompresses a layer on its own thread, hashing what it produces.
+fn spawn_layer(blob: crate::Blob) -> Receiver<Chunk> {
+    let (tx, rx) = sync_channel::<Chunk>(8);
+    std::thread::spawn(move || {
+        let r = produce(&blob, &tx);
+        let _ = tx.send(Chunk::Done(r));
+    });
+    rx
+}
+
+fn produce(blob: &[u8], tx: &SyncSender<Chunk>) -> std::io::Result<Digest> {
+    let mut reader: Box<dyn Read + '_> = if blob.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(blob))
+    } else if blob.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(blob)?)
+    } else {
+        Box::new(blob)
+    };
+    let mut h = Hasher::new(Algorithm::Sha256);
+    loop {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        while n < buf.len() {
+            let m = reader.read(&mut buf[n..])?;
+            if m == 0 {
+                break;
+            }
+            n += m;
+        }
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        buf.truncate(n);
+        h.update(&buf);
+        if tx.send(Chunk::Data(buf)).is_err() {
+            // The consumer gave up (an error elsewhere): stop quietly.
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+    }
+}
+
+/// `Read` over a layer's chunks; remembers the producer's digest.
+struct LayerReader {
+    rx: Receiver<Chunk>,
+    cur: Vec<u8>,
+    pos: usize,
+    done: Option<std::io::Result<Digest>>,
+    /// Set once a read returned the end of the stream.
+    eof: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl Read for LayerReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            if self.done.is_some() {
+                self.eof.set(true);
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Chunk::Data(v)) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                Ok(Chunk::Done(r)) => self.done = Some(r),
+                Err(_) => self.done = Some(Err(std::io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl LayerReader {
+    /// Reads to the end (past the tar's end) and returns the layer's `diff_id`.
+    fn finish(&mut self) -> std::io::Result<Digest> {
+        std::io::copy(self, &mut std::io::sink())?;
+        self.done
+            .take()
+            .unwrap_or_else(|| Err(std::io::ErrorKind::UnexpectedEof.into()))
+    }
+}
+
+/// The tree being built, addressed only through directory file descriptors.
+struct Tree {
+    root: OwnedFd,
+    root_path: PathBuf,
+    as_root: bool,
+    /// Directories and their mtimes, applied last (children change them).
+    dir_times: Vec<(Vec<String>, i64)>,
+    /// Paths created by the current layer (an opaque marker spares them).
+    this_layer: HashSet<Vec<String>>,
+    report: UnpackReport,
+}
+
+fn io_at(op: &'static str, path: &[String], e: impl Into<std::io::Error>) -> Error {
+    Error::io(op, path.join("/"), e.into())
+}
+
+impl Tree {
+    /// Opens (creating as needed) the directory `dirs` beneath the root without following
+    /// any symlink; a non-directory in the way is replaced by a directory.
+    fn dir(&self, dirs: &[String]) -> Result<OwnedFd> {
+        let mut fd = rustix::fs::openat(
+            &self.root,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", &self.root_path, e.into()))?;
+        for (i, c) in dirs.iter().enumerate() {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            fd = match rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty()) {
+                Ok(next) => next,
+                Err(e) if e == rustix::io::Errno::NOENT => {
+                    rustix::fs::mkdirat(&fd, c.as_str(), Mode::from_raw_mode(0o755))
+                        .map_err(|e| io_at("mkdir", &dirs[..=i], e))?;
+                    rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty())
+                        .map_err(|e| io_at("open", &dirs[..=i], e))?
+                }
+                // A symlink (ELOOP) or a file (ENOTDIR) where a directory must be: replace it.
+                Err(e) if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::NOTDIR => {
+                    remove_at(&fd, c)?;
+                    rustix::fs::mkdirat(&fd, c.as_str(), Mode::from_raw_mode(0o755))
+                        .map_err(|e| io_at("mkdir", &dirs[..=i], e))?;
+                    rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty())
+                        .map_err(|e| io_at("open", &dirs[..=i], e))?
+                }
+                Err(e) => return Err(io_at("open", &dirs[..=i], e)),
+            };
+        }
+        Ok(fd)
+    }
+
+    /// Like [`Tree::dir`], but never creates or replaces anything (for hardlink targets).
+    fn existing_dir(&self, dirs: &[String]) -> Result<OwnedFd> {
+        let mut fd = rustix::fs::openat(
+            &self.root,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", &self.root_path, e.into()))?;
+        for (i, c) in dirs.iter().enumerate() {
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            fd = rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty()).map_err(|e| {
+                bad(format!(
+                    "hardlink target directory {} is not a directory inside the root: {e}",
+                    dirs[..=i].join("/")
+                ))
+            })?;
+        }
+        Ok(fd)
+    }
+
+    fn apply<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<()> {
+        let raw = entry.path().map_err(|e| bad(format!("entry path: {e}")))?;
+        let path = components(&raw.to_string_lossy())?;
+        let Some((name, dirs)) = path.split_last() else {
+            return Ok(()); // the root itself
+        };
+        let header = entry.header().clone();
+        let ty = header.entry_type();
+        // Whiteouts.
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            let parent = self.dir(dirs)?;
+            if hidden == ".wh..opq" {
+                // Opaque: lower children go; this layer's own stay.
+                let mut names = Vec::new();
+                for ent in
+                    rustix::fs::Dir::read_from(&parent).map_err(|e| io_at("list", dirs, e))?
+                {
+                    let ent = ent.map_err(|e| io_at("list", dirs, e))?;
+                    let n = ent.file_name().to_string_lossy().into_owned();
+                    if n != "." && n != ".." {
+                        names.push(n);
+                    }
+                }
+                for n in names {
+                    let mut p = dirs.to_vec();
+                    p.push(n.clone());
+                    if !self.this_layer.contains(&p) {
+                        remove_at(&parent, &n)?;
+                    }
+                }
+            } else if !hidden.is_empty() {
+                remove_at(&parent, hidden)?;
+            }
+            self.report.entries += 1;
+            return Ok(());
+        }
+        let parent = self.dir(dirs)?;
+        let mode = Mode::from_raw_mode(header.mode().unwrap_or(0o644) & 0o7777);
+        let mtime = i64::try_from(header.mtime().unwrap_or(0)).unwrap_or(i64::MAX);
+        let (uid, gid) = (
+            header.uid().unwrap_or(0) as u32,
+            header.gid().unwrap_or(0) as u32,
+        );
+        let exists = rustix::fs::statat(&parent, name.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
+        let is_dir = |st: &rustix::fs::Stat| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+        };
+        match ty {
+            tar::EntryType::Directory => {
+                match &exists {
+                    Some(st) if is_dir(st) => {}
+                    Some(_) => {
+                        remove_at(&parent, name)?;
+                        mkdir(&parent, name, &path)?;
+                    }
+                    None => mkdir(&parent, name, &path)?,
+                }
+                let fd = rustix::fs::openat(
+                    &parent,
+                    name.as_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io_at("open", &path, e))?;
+                self.own(&fd, uid, gid, &path)?;
+                rustix::fs::fchmod(&fd, mode).map_err(|e| io_at("chmod", &path, e))?;
+                self.xattrs(&mut entry, &fd);
+                self.dir_times.push((path.clone(), mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if exists.is_some() {
+                    remove_at(&parent, name)?;
+                }
+                let fd = rustix::fs::openat(
+                    &parent,
+                    name.as_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| io_at("create", &path, e))?;
+                let mut f = std::fs::File::from(fd);
+                let n = std::io::copy(&mut entry, &mut f).map_err(|e| io_at("write", &path, e))?;
+                self.report.bytes += n;
+                self.own(&f, uid, gid, &path)?;
+                rustix::fs::fchmod(&f, mode).map_err(|e| io_at("chmod", &path, e))?;
+                self.xattrs(&mut entry, &f);
+                set_mtime(&f, mtime, &path)?;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| bad(format!("symlink target: {e}")))?
+                    .ok_or_else(|| bad(format!("symlink {} has no target", path.join("/"))))?;
+                if exists.is_some() {
+                    remove_at(&parent, name)?;
+                }
+                // Stored as written: it is never followed while unpacking.
+                rustix::fs::symlinkat(target.as_os_str(), &parent, name.as_str())
+                    .map_err(|e| io_at("symlink", &path, e))?;
+                if self.as_root {
+                    rustix::fs::chownat(
+                        &parent,
+                        name.as_str(),
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| io_at("chown", &path, e))?;
+                }
+                let t = Timestamps {
+                    last_access: ts(mtime),
+                    last_modification: ts(mtime),
+                };
+                let _ =
+                    rustix::fs::utimensat(&parent, name.as_str(), &t, AtFlags::SYMLINK_NOFOLLOW);
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| bad(format!("hardlink target: {e}")))?
+                    .ok_or_else(|| bad(format!("hardlink {} has no target", path.join("/"))))?;
+                let tpath = components(&target.to_string_lossy())?;
+                let Some((tname, tdirs)) = tpath.split_last() else {
+                    return Err(bad(format!(
+                        "hardlink {} points at the root",
+                        path.join("/")
+                    )));
+                };
+                let tparent = self.existing_dir(tdirs)?;
+                if exists.is_some() && tpath != path {
+                    remove_at(&parent, name)?;
+                }
+                if tpath != path {
+                    rustix::fs::linkat(
+                        &tparent,
+                        tname.as_str(),
+                        &parent,
+                        name.as_str(),
+                        AtFlags::empty(),
+                    )
+                    .map_err(|e| io_at("link", &path, e))?;
+                }
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                let ft = match ty {
+                    tar::EntryType::Char => rustix::fs::FileType::CharacterDevice,
+                    tar::EntryType::Block => rustix::fs::FileType::BlockDevice,
+                    _ => rustix::fs::FileType::Fifo,
+                };
+                if ft != rustix::fs::FileType::Fifo && !self.as_root {
+                    self.report.skipped_devices += 1;
+                    return Ok(());
+                }
+                if exists.is_some() {
+                    remove_at(&parent, name)?;
+                }
+                let dev = rustix::fs::makedev(
+                    header.device_major().ok().flatten().unwrap_or(0),
+                    header.device_minor().ok().flatten().unwrap_or(0),
+                );
+                rustix::fs::mknodat(&parent, name.as_str(), ft, mode, dev)
+                    .map_err(|e| io_at("mknod", &path, e))?;
+            }
+            // PAX and GNU metadata entries are consumed by the tar reader; others are
+            // ignored as Docker ignores them.
+            _ => return Ok(()),
+        }
+        self.this_layer.insert(path);
+        self.report.entries += 1;
+        Ok(())
+    }
+
+    fn own(&self, fd: &impl AsFd, uid: u32, gid: u32, path: &[String]) -> Result<()> {
+        if self.as_root {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| io_at("chown", path, e))?;
+        }
+        Ok(())
+    }
+
+    fn xattrs<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, fd: &impl AsFd) {
+        let Ok(Some(exts)) = entry.pax_extensions() else {
+            return;
+        };
+        for ext in exts.flatten() {
+            if let Ok(key) = ext.key()
+                && let Some(name) = key.strip_prefix("SCHILY.xattr.")
+                && rustix::fs::fsetxattr(
+                    fd,
+                    name,
+                    ext.value_bytes(),
+                    rustix::fs::XattrFlags::empty(),
+                )
+                .is_err()
+            {
+                self.report.skipped_xattrs += 1;
+            }
+        }
+    }
+}
+
+fn ts(secs: i64) -> rustix::fs::Timespec {
+    rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    }
+}
+
+fn set_mtime(fd: &impl AsFd, mtime: i64, path: &[String]) -> Result<()> {
+    let t = Timestamps {
+        last_access: ts(mtime),
+        last_modification: ts(mtime),
+    };
+    rustix::fs::futimens(fd, &t).map_err(|e| io_at("set times", path, e))
+}
+
+fn mkdir(parent: &OwnedFd, name: &str, path: &[String]) -> Result<()> {
+    rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755))
+        .map_err(|e| io_at("mkdir", path, e))
+}
+
+/// Removes `name` in `dir` (recursively for a directory) without following symlinks.
+fn remove_at(dir: &OwnedFd, name: &str) -> Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(e) if e == rustix::io::Errno::NOENT => return Ok(()),
+        Err(e) if e == rustix::io::Errno::ISDIR || e == rustix::io::Errno::PERM => {}
+        Err(e) => return Err(Error::io("remove", name, e.into())),
+    }
+    let sub = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", name, e.into()))?;
+    let mut names = Vec::new();
+    for ent in rustix::fs::Dir::read_from(&sub).map_err(|e| Error::io("list", name, e.into()))? {
+        let ent = ent.map_err(|e| Error::io("list", name, e.into()))?;
+        let n = ent.file_name().to_string_lossy().into_owned();
+        if n != "." && n != ".." {
+            names.push(n);
+        }
+    }
+    for n in names {
+        remove_at(&sub, &n)?;
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+        .map_err(|e| Error::io("remove", name, e.into()))
+}
+
+impl Store {
+    /// Unpacks the image `reference` (a name or digest; an index picks `opts.platform`)
+    /// into `dir`, which must not exist. See the module documentation for the rules.
+    pub fn unpack(
+        &self,
+        reference: &str,
+        dir: &Path,
+        opts: &UnpackOptions,
+    ) -> Result<UnpackReport> {
+        let start = Instant::now();
+        if dir.symlink_metadata().is_ok() {
+            return Err(Error::Invalid(format!("{} already exists", dir.display())));
+        }
+        let mut d = self.resolve(reference)?;
+        let mut parsed = image::parse(&self.get(&d)?)?;
+        if parsed.kind == Kind::Index {
+            let want = opts.platform.clone().unwrap_or_else(host_platform);
+            let pick = parsed
+                .children
+                .iter()
+                .find(|c| c.platform.as_deref() == Some(want.as_str()))
+                .or_else(|| {
+                    parsed.children.iter().find(|c| {
+                        c.platform
+                            .as_deref()
+                            .is_some_and(|p| p.starts_with(&format!("{want}/")))
+                    })
+                })
+                .ok_or_else(|| {
+                    let have: Vec<String> = parsed
+                        .children
+                        .iter()
+                        .filter_map(|c| c.platform.clone())
+                        .collect();
+                    Error::Invalid(format!(
+                        "{reference} has no manifest for {want} (it has: {})",
+                        have.join(", ")
+                    ))
+                })?;
+            d = pick.digest;
+            parsed = image::parse(&self.get(&d)?)?;
+        }
+        let config = parsed
+            .config()
+            .ok_or_else(|| Error::Corrupt(format!("{d} has no config")))?;
+        let info = image::parse_config(&self.get(&config.digest)?)?;
+        let layers = parsed.layers().to_vec();
+        if info.diff_ids.len() != layers.len() {
+            return Err(bad(format!(
+                "{d} has {} layers, but its config lists {} diff_ids",
+                layers.len(),
+                info.diff_ids.len()
+            )));
+        }
+        let blobs: Vec<crate::Blob> = layers
+            .iter()
+            .map(|l| self.get(&l.digest))
+            .collect::<Result<_>>()?;
+
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let leaf = dir
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("{} names no directory", dir.display())))?;
+        let tmp = parent.join(format!(
+            ".{}.unpack-{}",
+            leaf.to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::create_dir(&tmp).ctx("create directory", &tmp)?;
+        let r = unpack_into(&tmp, &blobs, &info.diff_ids, d);
+        match r {
+            Ok(mut report) => {
+                crate::sys::rename_noreplace(&tmp, dir).map_err(|e| {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    Error::io("rename", dir, e)
+                })?;
+                report.elapsed_ms = start.elapsed().as_millis() as u64;
+                Ok(report)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Layers decompressed ahead of the one being applied.
+const AHEAD: usize = 2;
+
+/// Applies the layers into the (new, empty) directory `tmp`.
+fn unpack_into(
+    tmp: &Path,
+    blobs: &[crate::Blob],
+    diff_ids: &[String],
+    manifest: Digest,
+) -> Result<UnpackReport> {
+    let root = rustix::fs::open(
+        tmp,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", tmp, e.into()))?;
+    rustix::fs::fchmod(&root, Mode::from_raw_mode(0o755))
+        .map_err(|e| Error::io("chmod", tmp, e.into()))?;
+    let mut tree = Tree {
+        root,
+        root_path: tmp.to_owned(),
+        as_root: rustix::process::geteuid().is_root(),
+        dir_times: Vec::new(),
+        this_layer: HashSet::new(),
+        report: UnpackReport {
+            manifest: Some(manifest),
+            ..UnpackReport::default()
+        },
+    };
+    // Decompress up to AHEAD layers ahead of the one being applied.
+    let mut pending: std::collections::VecDeque<Receiver<Chunk>> = blobs
+        .iter()
+        .take(AHEAD + 1)
+        .map(|b| spawn_layer(b.clone()))
+        .collect();
+    for (i, want) in diff_ids.iter().enumerate() {
+        let rx = pending.pop_front().expect("a producer per layer");
+        if let Some(b) = blobs.get(i + AHEAD + 1) {
+            pending.push_back(spawn_layer(b.clone()));
+        }
+        let eof = std::rc::Rc::new(std::cell::Cell::new(false));
+        let mut reader = LayerReader {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+            done: None,
+            eof: eof.clone(),
+        };
+        tree.this_layer.clear();
+        {
+            let mut ar = tar::Archive::new(&mut reader);
+            let entries = ar.entries().map_err(|e| bad(format!("layer {i}: {e}")))?;
+            for entry in entries {
+                match entry {
+                    Ok(e) => tree.apply(e)?,
+                    // Real tools write layers without the end-of-archive trailer (or its
+                    // final padding); containerd and Docker accept them, and so do we —
+                    // only when the stream really ended there.
+                    Err(_) if eof.get() => break,
+                    Err(e) => return Err(bad(format!("layer {i}: {e}"))),
+                }
+            }
+        }
+        let got = reader
+            .finish()
+            .map_err(|e| bad(format!("layer {i} does not decompress: {e}")))?;
+        if got.to_string() != *want {
+            return Err(bad(format!(
+                "layer {i} decompresses to {got}, but the config lists diff_id {want}"
+            )));
+        }
+        tree.report.layers += 1;
+    }
+    // Directory times last, deepest first (creating children changed them).
+    let mut times = std::mem::take(&mut tree.dir_times);
+    times.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    for (p, mtime) in times {
+        if let Ok(fd) = tree.existing_dir(&p) {
+            set_mtime(&fd, mtime, &p)?;
+        }
+    }
+    Ok(tree.report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_refuse_escapes() {
+        assert_eq!(components("./a//b/").unwrap(), vec!["a", "b"]);
+        assert!(components("/etc/passwd").is_err());
+        assert!(components("a/../../b").is_err());
+        assert!(components("..").is_err());
+        assert!(components("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn host_platform_is_linux() {
+        assert!(host_platform().starts_with("linux/"));
+    }
+}
