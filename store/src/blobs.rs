@@ -146,8 +146,13 @@ impl SegView {
                 m.clone()
             } else {
                 let f = open_segment(&self.path)?;
-                let m = Arc::new(Map::new(&f, &self.path, sealed_len, false)?);
-                self.map.get_or_init(|| m).clone()
+                match Map::new(&f, &self.path, sealed_len, false) {
+                    Ok(m) => self.map.get_or_init(|| Arc::new(m)).clone(),
+                    // A file shorter than committed is damaged: what it still holds is
+                    // read with pread (records past its end fail on their own).
+                    Err(Error::Corrupt(_)) => return self.pread(offset, len, end),
+                    Err(e) => return Err(e),
+                }
             };
             if end > map.bytes().len() as u64 {
                 return Err(Error::Corrupt(format!(
@@ -157,6 +162,10 @@ impl SegView {
             }
             return Ok(Blob::mapped(map, offset as usize..end as usize));
         }
+        self.pread(offset, len, end)
+    }
+
+    fn pread(&self, offset: u64, len: u64, end: u64) -> Result<Blob> {
         let mut v = vec![0u8; len as usize];
         self.file()?
             .read_exact_at(&mut v, offset)

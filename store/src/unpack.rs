@@ -260,26 +260,23 @@ impl Tree {
         if let Some(hidden) = name.strip_prefix(".wh.") {
             let parent = self.dir(dirs)?;
             if hidden == ".wh..opq" {
-                // Opaque: lower children go; this layer's own stay.
-                let mut names = Vec::new();
-                for ent in
-                    rustix::fs::Dir::read_from(&parent).map_err(|e| io_at("list", dirs, e))?
-                {
-                    let ent = ent.map_err(|e| io_at("list", dirs, e))?;
-                    let n = ent.file_name().to_string_lossy().into_owned();
-                    if n != "." && n != ".." {
-                        names.push(n);
-                    }
+                // Opaque: every lower child goes; what this layer put there stays.
+                self.prune_lower(&parent, dirs)?;
+            } else {
+                if hidden.is_empty() || hidden == "." || hidden == ".." {
+                    return Err(bad(format!(
+                        "layer entry {:?} is not a valid whiteout",
+                        path.join("/")
+                    )));
                 }
-                for n in names {
-                    let mut p = dirs.to_vec();
-                    p.push(n.clone());
-                    if !self.this_layer.contains(&p) {
-                        remove_at(&parent, &n)?;
-                    }
+                // A whiteout hides lower layers only, never its own layer's entries.
+                let mut p = dirs.to_vec();
+                p.push(hidden.to_owned());
+                if self.this_layer.contains(&p) {
+                    self.prune_lower_at(&parent, &p, hidden)?;
+                } else {
+                    remove_at(&parent, hidden)?;
                 }
-            } else if !hidden.is_empty() {
-                remove_at(&parent, hidden)?;
             }
             self.report.entries += 1;
             return Ok(());
@@ -414,14 +411,68 @@ impl Tree {
                 );
                 rustix::fs::mknodat(&parent, name.as_str(), ft, mode, dev)
                     .map_err(|e| io_at("mknod", &path, e))?;
+                // mknod applies the umask: set the entry's mode, owner and times exactly.
+                rustix::fs::chmodat(&parent, name.as_str(), mode, AtFlags::empty())
+                    .map_err(|e| io_at("chmod", &path, e))?;
+                if self.as_root {
+                    rustix::fs::chownat(
+                        &parent,
+                        name.as_str(),
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| io_at("chown", &path, e))?;
+                }
+                let t = Timestamps {
+                    last_access: ts(mtime),
+                    last_modification: ts(mtime),
+                };
+                rustix::fs::utimensat(&parent, name.as_str(), &t, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io_at("set times", &path, e))?;
             }
             // PAX and GNU metadata entries are consumed by the tar reader; others are
             // ignored as Docker ignores them.
             _ => return Ok(()),
         }
-        self.this_layer.insert(path);
+        // The entry and its implied parent directories are this layer's.
+        for n in 1..=path.len() {
+            self.this_layer.insert(path[..n].to_vec());
+        }
         self.report.entries += 1;
         Ok(())
+    }
+
+    /// Removes everything beneath the directory `dir` (at `dirs`) that the current layer
+    /// did not put there; directories the layer (re)sent are pruned the same way inside.
+    fn prune_lower(&self, dir: &OwnedFd, dirs: &[String]) -> Result<()> {
+        let mut names = Vec::new();
+        for ent in rustix::fs::Dir::read_from(dir).map_err(|e| io_at("list", dirs, e))? {
+            let ent = ent.map_err(|e| io_at("list", dirs, e))?;
+            let n = ent.file_name().to_string_lossy().into_owned();
+            if n != "." && n != ".." {
+                names.push(n);
+            }
+        }
+        for n in names {
+            let mut p = dirs.to_vec();
+            p.push(n.clone());
+            if self.this_layer.contains(&p) {
+                self.prune_lower_at(dir, &p, &n)?;
+            } else {
+                remove_at(dir, &n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Tree::prune_lower`] for the child `name` of `dir` when it is a directory.
+    fn prune_lower_at(&self, dir: &OwnedFd, path: &[String], name: &str) -> Result<()> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+            Ok(sub) => self.prune_lower(&sub, path),
+            Err(_) => Ok(()), // not a directory: the layer's own entry stays as it is
+        }
     }
 
     fn own(&self, fd: &impl AsFd, uid: u32, gid: u32, path: &[String]) -> Result<()> {
@@ -479,6 +530,9 @@ fn mkdir(parent: &OwnedFd, name: &str, path: &[String]) -> Result<()> {
 
 /// Removes `name` in `dir` (recursively for a directory) without following symlinks.
 fn remove_at(dir: &OwnedFd, name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(bad(format!("refusing to remove {name:?}")));
+    }
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) => return Ok(()),
         Err(e) if e == rustix::io::Errno::NOENT => return Ok(()),

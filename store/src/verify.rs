@@ -205,7 +205,7 @@ impl Store {
         report.blobs = entries.len() as u64;
 
         // Deep: which diff_id each layer must have (from every config that lists it).
-        let mut expected_diff: HashMap<Digest, (String, Digest)> = HashMap::new();
+        let mut expected_diff: HashMap<Digest, Vec<(String, Digest)>> = HashMap::new();
         let mut problems: Vec<Problem> = Vec::new();
         if opts.depth == Depth::Deep {
             for (d, e) in &entries {
@@ -222,8 +222,24 @@ impl Store {
                 };
                 match image::parse_config(&cfg_bytes) {
                     Ok(info) => {
+                        // (A config with no diff_ids at all is not an image config
+                        // we can check; one with some must list every layer.)
+                        if !info.diff_ids.is_empty() && info.diff_ids.len() != p.layers().len() {
+                            problems.push(Problem::blob(
+                                cfg.digest,
+                                "diff-id",
+                                format!(
+                                    "lists {} diff_ids, but manifest {d} has {} layers",
+                                    info.diff_ids.len(),
+                                    p.layers().len()
+                                ),
+                            ));
+                        }
                         for (l, want) in p.layers().iter().zip(&info.diff_ids) {
-                            expected_diff.insert(l.digest, (want.clone(), *d));
+                            expected_diff
+                                .entry(l.digest)
+                                .or_default()
+                                .push((want.clone(), *d));
                         }
                     }
                     Err(err) => problems.push(Problem::blob(cfg.digest, "json", err.to_string())),
@@ -278,7 +294,7 @@ impl Store {
         e: &BlobEntry,
         depth: Depth,
         shards: &HashMap<u64, u32>,
-        expected_diff: &HashMap<Digest, (String, Digest)>,
+        expected_diff: &HashMap<Digest, Vec<(String, Digest)>>,
     ) -> Vec<Problem> {
         let mut out = Vec::new();
         if depth != Depth::Fast {
@@ -368,16 +384,21 @@ impl Store {
                 }
                 _ => {}
             }
-            if let Some((want, manifest)) = expected_diff.get(d) {
+            if let Some(wants) = expected_diff.get(d) {
                 match diff_id(&blob) {
-                    Ok(got) if got.to_string() == *want => {}
-                    Ok(got) => out.push(Problem::blob(
-                        *d,
-                        "diff-id",
-                        format!(
-                            "layer decompresses to {got}, but the config of {manifest} lists {want}"
-                        ),
-                    )),
+                    Ok(got) => {
+                        for (want, manifest) in wants {
+                            if got.to_string() != *want {
+                                out.push(Problem::blob(
+                                    *d,
+                                    "diff-id",
+                                    format!(
+                                        "layer decompresses to {got}, but the config of {manifest} lists {want}"
+                                    ),
+                                ));
+                            }
+                        }
+                    }
                     Err(err) => out.push(Problem::blob(
                         *d,
                         "decompress",

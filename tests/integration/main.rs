@@ -1,9 +1,12 @@
-//! Integration tests of the `layerstore` blob store and the `store` binary.
+//! Integration tests of `layerstore` and the `store` binary.
 //!
-//! One test binary: each submodule covers one concern of the store's contract (round trips,
-//! rejected puts, dedupe, reopening, recovery of torn segments, sealing, streaming ingest,
-//! concurrency, locking, crash durability and the command line), and `model` runs random
-//! operation sequences against a `BTreeMap`. Shared fixtures live in `common`.
+//! One test binary: each submodule covers one concern of the store's contract — the blob
+//! store (round trips, rejected puts, dedupe, reopening, recovery of torn segments,
+//! sealing, streaming ingest, concurrency, locking, crash durability, the command line, a
+//! model test), the image model (`images`), import and export against real tools
+//! (`interop`), garbage collection (`gc`), verification and repair (`verify`), and
+//! unpacking (`unpack`). Shared fixtures live in `common`; real images are built by
+//! `tests/fixtures/make-images.sh` with umoci, skopeo and buildah.
 
 mod cli;
 mod common;
@@ -21,3 +24,5 @@ mod recovery;
 mod reopen;
 mod roundtrip;
 mod sealing;
+mod unpack;
+mod verify;
