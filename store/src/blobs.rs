@@ -300,6 +300,16 @@ impl Files {
             .join(format!("{}-{}.{generation}", d.algorithm(), d.hex()))
     }
 
+    /// The digest and generation a large file's name (`<alg>-<hex>.<gen>`) promises.
+    pub fn parse_large_name(name: &str) -> Option<(Digest, u64)> {
+        let (stem, generation) = name.rsplit_once('.')?;
+        let (alg, hex) = stem.split_once('-')?;
+        Some((
+            Digest::parse(&format!("{alg}:{hex}")).ok()?,
+            generation.parse().ok()?,
+        ))
+    }
+
     fn large_dir(&self, d: &Digest) -> PathBuf {
         self.root.join("large").join(format!("{:02x}", d.hash()[0]))
     }

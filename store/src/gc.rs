@@ -537,13 +537,7 @@ impl Store {
                 let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
                     continue;
                 };
-                let parsed = name.rsplit_once('.').and_then(|(stem, g)| {
-                    let (alg, hex) = stem.split_once('-')?;
-                    Some((
-                        Digest::parse(&format!("{alg}:{hex}")).ok()?,
-                        g.parse::<u64>().ok()?,
-                    ))
-                });
+                let parsed = crate::blobs::Files::parse_large_name(name);
                 let indexed = match parsed {
                     Some((d, g)) => meta::Meta::entry(&txn, &d)?
                         .is_some_and(|e| e.location == Location::Large { generation: g }),

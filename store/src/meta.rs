@@ -1014,26 +1014,7 @@ impl<'t> Tx<'t> {
             }
         }
 
-        let mut rows: HashMap<u64, SegmentRow> = HashMap::with_capacity(p.segments.len());
-        for u in &p.segments {
-            let old = self
-                .segs
-                .get(u.id)?
-                .map(|v| SegmentRow::decode(v.value()))
-                .transpose()?
-                .unwrap_or(SegmentRow {
-                    shard: u.shard,
-                    ..SegmentRow::default()
-                });
-            rows.insert(
-                u.id,
-                SegmentRow {
-                    committed_len: old.committed_len.max(u.committed_len),
-                    sealed: old.sealed || u.sealed,
-                    ..old
-                },
-            );
-        }
+        let mut rows = self.updated_rows(&p.segments)?;
         // Inserting in key order keeps the B-tree walk cache-friendly.
         let mut order: Vec<usize> = (0..p.blobs.len()).collect();
         order.sort_unstable_by_key(|&i| p.blobs[i].digest);
@@ -1289,6 +1270,32 @@ impl<'t> Tx<'t> {
         }))
     }
 
+    /// The rows of `updates`' segments after them: `committed_len` only grows, `sealed`
+    /// only turns on, dead bytes are kept. (Written back by the caller.)
+    fn updated_rows(&self, updates: &[SegmentUpdate]) -> Result<HashMap<u64, SegmentRow>> {
+        let mut rows = HashMap::with_capacity(updates.len());
+        for u in updates {
+            let old = self
+                .segs
+                .get(u.id)?
+                .map(|v| SegmentRow::decode(v.value()))
+                .transpose()?
+                .unwrap_or(SegmentRow {
+                    shard: u.shard,
+                    ..SegmentRow::default()
+                });
+            rows.insert(
+                u.id,
+                SegmentRow {
+                    committed_len: old.committed_len.max(u.committed_len),
+                    sealed: old.sealed || u.sealed,
+                    ..old
+                },
+            );
+        }
+        Ok(rows)
+    }
+
     fn add_dead(&mut self, dead: HashMap<u64, u64>) -> Result<()> {
         for (segment, bytes) in dead {
             let row = self
@@ -1412,26 +1419,7 @@ impl<'t> Tx<'t> {
     /// Compaction: repoint each moved blob whose entry still names its old record (a
     /// concurrent delete wins), then retire the old segment.
     fn relocate(&mut self, op: &RelocateOp) -> Result<Result<Outcome>> {
-        let mut rows: HashMap<u64, SegmentRow> = HashMap::new();
-        for u in &op.segments {
-            let old = self
-                .segs
-                .get(u.id)?
-                .map(|v| SegmentRow::decode(v.value()))
-                .transpose()?
-                .unwrap_or(SegmentRow {
-                    shard: u.shard,
-                    ..SegmentRow::default()
-                });
-            rows.insert(
-                u.id,
-                SegmentRow {
-                    committed_len: old.committed_len.max(u.committed_len),
-                    sealed: old.sealed || u.sealed,
-                    ..old
-                },
-            );
-        }
+        let mut rows = self.updated_rows(&op.segments)?;
         for (d, old_offset, new_loc, rec_len) in &op.moves {
             let current = self.entry(d)?;
             match current {

@@ -348,22 +348,8 @@ impl Tree {
                 // Stored as written: it is never followed while unpacking.
                 rustix::fs::symlinkat(target.as_os_str(), &parent, name.as_str())
                     .map_err(|e| io_at("symlink", &path, e))?;
-                if self.as_root {
-                    rustix::fs::chownat(
-                        &parent,
-                        name.as_str(),
-                        Some(rustix::fs::Uid::from_raw(uid)),
-                        Some(rustix::fs::Gid::from_raw(gid)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| io_at("chown", &path, e))?;
-                }
-                let t = Timestamps {
-                    last_access: ts(mtime),
-                    last_modification: ts(mtime),
-                };
-                let _ =
-                    rustix::fs::utimensat(&parent, name.as_str(), &t, AtFlags::SYMLINK_NOFOLLOW);
+                // Times of a symlink are best effort (some file systems refuse).
+                let _ = self.own_at(&parent, name, uid, gid, mtime, &path);
             }
             tar::EntryType::Link => {
                 let target = entry
@@ -414,22 +400,7 @@ impl Tree {
                 // mknod applies the umask: set the entry's mode, owner and times exactly.
                 rustix::fs::chmodat(&parent, name.as_str(), mode, AtFlags::empty())
                     .map_err(|e| io_at("chmod", &path, e))?;
-                if self.as_root {
-                    rustix::fs::chownat(
-                        &parent,
-                        name.as_str(),
-                        Some(rustix::fs::Uid::from_raw(uid)),
-                        Some(rustix::fs::Gid::from_raw(gid)),
-                        AtFlags::SYMLINK_NOFOLLOW,
-                    )
-                    .map_err(|e| io_at("chown", &path, e))?;
-                }
-                let t = Timestamps {
-                    last_access: ts(mtime),
-                    last_modification: ts(mtime),
-                };
-                rustix::fs::utimensat(&parent, name.as_str(), &t, AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| io_at("set times", &path, e))?;
+                self.own_at(&parent, name, uid, gid, mtime, &path)?;
             }
             // PAX and GNU metadata entries are consumed by the tar reader; others are
             // ignored as Docker ignores them.
@@ -473,6 +444,34 @@ impl Tree {
             Ok(sub) => self.prune_lower(&sub, path),
             Err(_) => Ok(()), // not a directory: the layer's own entry stays as it is
         }
+    }
+
+    /// Owner (as root) and times of `name` in `parent`, without following it.
+    fn own_at(
+        &self,
+        parent: &OwnedFd,
+        name: &str,
+        uid: u32,
+        gid: u32,
+        mtime: i64,
+        path: &[String],
+    ) -> Result<()> {
+        if self.as_root {
+            rustix::fs::chownat(
+                parent,
+                name,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io_at("chown", path, e))?;
+        }
+        let t = Timestamps {
+            last_access: ts(mtime),
+            last_modification: ts(mtime),
+        };
+        rustix::fs::utimensat(parent, name, &t, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io_at("set times", path, e))
     }
 
     fn own(&self, fd: &impl AsFd, uid: u32, gid: u32, path: &[String]) -> Result<()> {

@@ -15,124 +15,20 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 
 use layerstore::{Digest, Error, ExportFormat, ImportOptions, Kind, Reference, Store};
 use serde_json::Value;
 
 use crate::common;
+use crate::common::fixtures;
 
 // ---------------------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------------------
 
-/// Marker written into a fixture directory once the script has succeeded in it.
-const COMPLETE: &str = ".interop-complete";
-
-/// Tools the fixtures and these tests cannot do without.
-const REQUIRED_TOOLS: [&str; 2] = ["skopeo", "umoci"];
-
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
-
-/// The fixture directory, generated on first use (once per test binary run).
-fn fixtures() -> &'static Path {
-    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match DIR.get_or_init(build_fixtures) {
-        Ok(p) => p,
-        Err(e) => panic!("interop fixtures are unavailable: {e}"),
-    }
-}
-
-/// `tool --version`, or why it cannot run.
-fn tool_version(tool: &str) -> Result<String, String> {
-    match Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
-        Ok(o) => Err(format!(
-            "`{tool} --version` failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        )),
-        Err(e) => Err(format!("cannot run `{tool}`: {e}")),
-    }
-}
-
-/// Runs `make-images.sh` into a fresh directory under `CARGO_TARGET_TMPDIR` (reusing a
-/// complete one made by the same script and tool versions).
-fn build_fixtures() -> Result<PathBuf, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/make-images.sh");
-    let body = std::fs::read(&script).map_err(|e| format!("read {}: {e}", script.display()))?;
-    let mut key = blake3::Hasher::new();
-    key.update(&body);
-    for tool in REQUIRED_TOOLS {
-        let v = tool_version(tool).map_err(|e| {
-            format!(
-                "{e}\n`{tool}` is required by the interop tests (CI installs it); on Debian: \
-                 apt-get install -y --no-install-recommends skopeo umoci zstd"
-            )
-        })?;
-        key.update(v.as_bytes());
-    }
-    // Optional: only oci-multiarch/ needs it.
-    key.update(tool_version("buildah").unwrap_or_default().as_bytes());
-    let key = key.finalize().to_hex();
-    let key = &key.as_str()[..16];
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let dir = tmp.join(format!("interop-fixtures-{key}"));
-    if dir.join(COMPLETE).is_file() {
-        return Ok(dir);
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
-    let staging = tmp.join(format!("interop-fixtures-{key}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| format!("create {}: {e}", staging.display()))?;
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&staging)
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .env("FIXTURE_BIG_MIB", "20")
-        .env("FIXTURE_MULTIARCH", "auto")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(format!(
-            "{} failed ({}):\n{}{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    std::fs::write(staging.join(COMPLETE), key)
-        .map_err(|e| format!("write marker in {}: {e}", staging.display()))?;
-    if dir.exists() && !dir.join(COMPLETE).is_file() {
-        // Left by an interrupted run that never finished; ours replaces it.
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    match std::fs::rename(&staging, &dir) {
-        Ok(()) => Ok(dir),
-        // Another test binary finished first: use its (identical) output.
-        Err(_) if dir.join(COMPLETE).is_file() => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Ok(dir)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Err(format!(
-                "rename {} to {}: {e}",
-                staging.display(),
-                dir.display()
-            ))
-        }
-    }
-}
 
 /// A fixture path, failing clearly when the fixture was not built.
 fn fixture(rel: &str) -> PathBuf {

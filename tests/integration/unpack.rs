@@ -21,133 +21,20 @@ use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 
 use layerstore::unpack::{UnpackOptions, UnpackReport};
 use layerstore::{Digest, Error, ImportOptions, Kind, PutOptions, Store};
 use serde_json::{Value, json};
 
 use crate::common;
+use crate::common::fixtures;
 
 // ---------------------------------------------------------------------------------------
 // Fixtures (the same generator and cache directory as interop.rs)
 // ---------------------------------------------------------------------------------------
 
-/// Marker written into a fixture directory once the script has succeeded in it (the
-/// same name interop.rs uses, so either module may reuse the other's output).
-const COMPLETE: &str = ".interop-complete";
-
-/// Tools the fixtures cannot do without.
-const REQUIRED_TOOLS: [&str; 2] = ["skopeo", "umoci"];
-
 /// The mtime every fixture entry carries (`SOURCE_DATE_EPOCH`).
 const EPOCH: i64 = 1_700_000_000;
-
-/// The fixture directory, generated on first use (once per test binary run).
-fn fixtures() -> &'static Path {
-    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match DIR.get_or_init(build_fixtures) {
-        Ok(p) => p,
-        Err(e) => panic!("unpack fixtures are unavailable: {e}"),
-    }
-}
-
-/// `tool --version`, or why it cannot run.
-fn tool_version(tool: &str) -> Result<String, String> {
-    match Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
-        Ok(o) => Err(format!(
-            "`{tool} --version` failed ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        )),
-        Err(e) => Err(format!("cannot run `{tool}`: {e}")),
-    }
-}
-
-/// Runs `make-images.sh` into a fresh directory under `CARGO_TARGET_TMPDIR`, reusing a
-/// complete one made by the same script and tool versions. Same key and final directory
-/// as interop.rs; the staging directory name differs so that the two modules, which run
-/// in one process, never write into the same staging directory at once.
-fn build_fixtures() -> Result<PathBuf, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/make-images.sh");
-    let body = std::fs::read(&script).map_err(|e| format!("read {}: {e}", script.display()))?;
-    let mut key = blake3::Hasher::new();
-    key.update(&body);
-    for tool in REQUIRED_TOOLS {
-        let v = tool_version(tool).map_err(|e| {
-            format!(
-                "{e}\n`{tool}` is required by the unpack tests (CI installs it); on Debian: \
-                 apt-get install -y --no-install-recommends skopeo umoci zstd"
-            )
-        })?;
-        key.update(v.as_bytes());
-    }
-    key.update(tool_version("buildah").unwrap_or_default().as_bytes());
-    let key = key.finalize().to_hex();
-    let key = &key.as_str()[..16];
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let dir = tmp.join(format!("interop-fixtures-{key}"));
-    if dir.join(COMPLETE).is_file() {
-        return Ok(dir);
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
-    let staging = tmp.join(format!(
-        "interop-fixtures-{key}.tmp-unpack-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| format!("create {}: {e}", staging.display()))?;
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&staging)
-        .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
-        .env("FIXTURE_BIG_MIB", "20")
-        .env("FIXTURE_MULTIARCH", "auto")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(format!(
-            "{} failed ({}):\n{}{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    std::fs::write(staging.join(COMPLETE), key)
-        .map_err(|e| format!("write marker in {}: {e}", staging.display()))?;
-    if dir.join(COMPLETE).is_file() {
-        // interop.rs (or another test binary) finished first: use its identical output.
-        let _ = std::fs::remove_dir_all(&staging);
-        return Ok(dir);
-    }
-    if dir.exists() {
-        // Left by an interrupted run that never finished; ours replaces it.
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    match std::fs::rename(&staging, &dir) {
-        Ok(()) => Ok(dir),
-        Err(_) if dir.join(COMPLETE).is_file() => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Ok(dir)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Err(format!(
-                "rename {} to {}: {e}",
-                staging.display(),
-                dir.display()
-            ))
-        }
-    }
-}
 
 /// A fixture path, failing clearly when the fixture was not built.
 fn fixture(rel: &str) -> PathBuf {

@@ -15,7 +15,6 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ use layerstore::{
 };
 use serde_json::{Value, json};
 
+use crate::common::fixtures;
 use crate::common::{self, KIB};
 
 /// Segments seal at 64 KiB and blobs from 64 KiB get a file of their own, so small test
@@ -545,91 +545,6 @@ fn json_found(v: &Value) -> BTreeSet<(Option<Digest>, String)> {
 
 // ---------------------------------------------------------------------------------------
 // Real images (tests/fixtures/make-images.sh), shared with `interop` by cache key.
-
-/// The fixture directory: the one `interop` builds (same key: the script's bytes and the
-/// tool versions), built here if this binary gets there first.
-fn fixtures() -> &'static Path {
-    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match DIR.get_or_init(build_fixtures) {
-        Ok(p) => p,
-        Err(e) => panic!("fixtures are unavailable: {e}"),
-    }
-}
-
-fn tool_version(tool: &str) -> Result<String, String> {
-    match Command::new(tool)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
-        Ok(o) => Err(format!("`{tool} --version` failed ({})", o.status)),
-        Err(e) => Err(format!(
-            "cannot run `{tool}` ({e}); on Debian: apt-get install -y \
-             --no-install-recommends skopeo umoci zstd"
-        )),
-    }
-}
-
-fn build_fixtures() -> Result<PathBuf, String> {
-    const COMPLETE: &str = ".interop-complete";
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/make-images.sh");
-    let body = std::fs::read(&script).map_err(|e| format!("read {}: {e}", script.display()))?;
-    let mut key = blake3::Hasher::new();
-    key.update(&body);
-    for tool in ["skopeo", "umoci"] {
-        key.update(tool_version(tool)?.as_bytes());
-    }
-    key.update(tool_version("buildah").unwrap_or_default().as_bytes());
-    let key = key.finalize().to_hex();
-    let key = &key.as_str()[..16];
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let dir = tmp.join(format!("interop-fixtures-{key}"));
-    if dir.join(COMPLETE).is_file() {
-        return Ok(dir);
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
-    let staging = tmp.join(format!(
-        "interop-fixtures-{key}.tmp-verify-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| format!("create {}: {e}", staging.display()))?;
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&staging)
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .env("FIXTURE_BIG_MIB", "20")
-        .env("FIXTURE_MULTIARCH", "auto")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(format!(
-            "{} failed ({}):\n{}{}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    std::fs::write(staging.join(COMPLETE), key).map_err(|e| format!("write marker: {e}"))?;
-    if dir.exists() && !dir.join(COMPLETE).is_file() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-    match std::fs::rename(&staging, &dir) {
-        Ok(()) => Ok(dir),
-        Err(_) if dir.join(COMPLETE).is_file() => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Ok(dir)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Err(format!("rename {}: {e}", staging.display()))
-        }
-    }
-}
 
 fn fixture(rel: &str) -> PathBuf {
     let p = fixtures().join(rel);
