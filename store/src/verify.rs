@@ -194,8 +194,9 @@ enum Streamed {
 }
 
 impl Store {
-    /// Hashes a large blob's payload read with pread in 1 MiB chunks: blake3 for `Fast`,
-    /// its OCI digest otherwise. A file of the wrong length is an error.
+    /// Hashes a large blob's payload (blake3 for `Fast`, its OCI digest otherwise) from a
+    /// mapping whose pages are faulted in at once: verify reads all of it, and per-page
+    /// faults would cost more than the hashing. A short file is an error, not a SIGBUS.
     fn stream_large(
         &self,
         d: &Digest,
@@ -203,38 +204,22 @@ impl Store {
         len: u64,
         depth: Depth,
     ) -> Result<Streamed> {
-        use std::os::unix::fs::FileExt;
         let path = self.inner.files.large_path(d, generation);
         let f = std::fs::File::open(&path).ctx("open", &path)?;
+        let total = crate::format::RECORD_HEADER_LEN + len;
         let actual = f.metadata().ctx("stat", &path)?.len();
-        if actual != crate::format::RECORD_HEADER_LEN + len {
+        if actual != total {
             return Err(Error::Corrupt(format!(
-                "{} is {actual} bytes, the index says {}",
-                path.display(),
-                crate::format::RECORD_HEADER_LEN + len
+                "{} is {actual} bytes, the index says {total}",
+                path.display()
             )));
         }
-        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-        let mut b3 = blake3::Hasher::new();
-        let mut oci = Hasher::new(d.algorithm());
-        let mut at = 0u64;
-        while at < len {
-            let n = buf.len().min((len - at) as usize);
-            f.read_exact_at(&mut buf[..n], crate::format::RECORD_HEADER_LEN + at)
-                .ctx("read", &path)?;
-            if depth == Depth::Fast {
-                b3.update(&buf[..n]);
-            } else {
-                for c in buf[..n].chunks(HASH_CHUNK) {
-                    oci.update(c);
-                }
-            }
-            at += n as u64;
-        }
+        let map = crate::map::Map::populated(&f, &path, total)?;
+        let payload = &map.bytes()[crate::format::RECORD_HEADER_LEN as usize..];
         Ok(if depth == Depth::Fast {
-            Streamed::Blake3(*b3.finalize().as_bytes())
+            Streamed::Blake3(blake3_chunks(payload))
         } else {
-            Streamed::Digest(oci.finish())
+            Streamed::Digest(hash_chunks(d.algorithm(), payload))
         })
     }
 
