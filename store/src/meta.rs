@@ -895,14 +895,7 @@ impl<'t> Tx<'t> {
                 if self.leases.remove(id.as_str())?.is_none() {
                     return Ok(Err(Error::LeaseNotFound(id.clone())));
                 }
-                let res: Vec<Vec<u8>> = self
-                    .lease_res
-                    .remove_all(id.as_str())?
-                    .map(|v| v.map(|g| g.value().to_vec()))
-                    .collect::<std::result::Result<_, _>>()?;
-                for k in res {
-                    self.unhold(&k)?;
-                }
+                self.release_lease_resources(id)?;
                 Ok(Ok(Outcome::default()))
             }
         }
@@ -1182,6 +1175,19 @@ impl<'t> Tx<'t> {
         Ok(())
     }
 
+    /// Drops a (removed) lease's resources and the holds they were.
+    fn release_lease_resources(&mut self, id: &str) -> Result<()> {
+        let res: Vec<Vec<u8>> = self
+            .lease_res
+            .remove_all(id)?
+            .map(|v| v.map(|g| g.value().to_vec()))
+            .collect::<std::result::Result<_, _>>()?;
+        for k in res {
+            self.unhold(&k)?;
+        }
+        Ok(())
+    }
+
     fn expire_leases(&mut self, now_ms: u64) -> Result<Result<Outcome>> {
         let mut expired = Vec::new();
         for r in self.leases.iter()? {
@@ -1193,14 +1199,7 @@ impl<'t> Tx<'t> {
         }
         for id in &expired {
             self.leases.remove(id.as_str())?;
-            let res: Vec<Vec<u8>> = self
-                .lease_res
-                .remove_all(id.as_str())?
-                .map(|v| v.map(|g| g.value().to_vec()))
-                .collect::<std::result::Result<_, _>>()?;
-            for k in res {
-                self.unhold(&k)?;
-            }
+            self.release_lease_resources(id)?;
         }
         Ok(Ok(Outcome {
             expired,

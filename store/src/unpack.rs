@@ -193,16 +193,21 @@ fn io_at(op: &'static str, path: &[String], e: impl Into<std::io::Error>) -> Err
 }
 
 impl Tree {
-    /// Opens (creating as needed) the directory `dirs` beneath the root without following
-    /// any symlink; a non-directory in the way is replaced by a directory.
-    fn dir(&self, dirs: &[String]) -> Result<OwnedFd> {
-        let mut fd = rustix::fs::openat(
+    /// A fresh descriptor of the root directory.
+    fn open_root(&self) -> Result<OwnedFd> {
+        rustix::fs::openat(
             &self.root,
             ".",
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| Error::io("open", &self.root_path, e.into()))?;
+        .map_err(|e| Error::io("open", &self.root_path, e.into()))
+    }
+
+    /// Opens (creating as needed) the directory `dirs` beneath the root without following
+    /// any symlink; a non-directory in the way is replaced by a directory.
+    fn dir(&self, dirs: &[String]) -> Result<OwnedFd> {
+        let mut fd = self.open_root()?;
         for (i, c) in dirs.iter().enumerate() {
             let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             fd = match rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty()) {
@@ -229,13 +234,7 @@ impl Tree {
 
     /// Like [`Tree::dir`], but never creates or replaces anything (for hardlink targets).
     fn existing_dir(&self, dirs: &[String]) -> Result<OwnedFd> {
-        let mut fd = rustix::fs::openat(
-            &self.root,
-            ".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::io("open", &self.root_path, e.into()))?;
+        let mut fd = self.open_root()?;
         for (i, c) in dirs.iter().enumerate() {
             let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             fd = rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty()).map_err(|e| {
