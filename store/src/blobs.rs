@@ -551,6 +551,14 @@ impl Files {
         Ok(Some((update, job)))
     }
 
+    /// After a batch the index refused: what it wrote past the committed length is
+    /// overwritten by the next append.
+    pub fn rewind(w: &mut ShardWriter) {
+        if let Some(a) = &mut w.active {
+            a.end = a.len;
+        }
+    }
+
     /// After a successful commit: advances the writer and seals what the batch sealed.
     pub fn committed(&self, w: &mut ShardWriter, updates: &[SegmentUpdate]) {
         for u in updates {

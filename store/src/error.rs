@@ -151,6 +151,22 @@ impl Error {
         }
     }
 
+    /// Whether this is the index refusing an operation's content (it then committed
+    /// nothing), as opposed to a failure of the storage.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::MissingChildren { .. }
+                | Error::NotAnImage(_)
+                | Error::NotFound(_)
+                | Error::LeaseNotFound(_)
+                | Error::NameNotFound(_)
+                | Error::InUse { .. }
+                | Error::ContainerNotFound(_)
+                | Error::Invalid(_)
+        )
+    }
+
     /// A corruption error for a bad header at a place.
     pub(crate) fn bad_header(what: impl std::fmt::Display, e: &HeaderError) -> Error {
         Error::Corrupt(format!("{what}: {e}"))

@@ -839,6 +839,7 @@ pub(crate) struct Batch<'a> {
     large: Vec<(Digest, u64)>,
     /// Records were appended to the shard's active segment.
     appended: bool,
+    /// Settled: committed, or refused and cleaned up; nothing is left for `Drop` to undo.
     committed: bool,
     /// Existing blobs stored again as manifests or indexes.
     upgrade: Vec<NewBlob>,
@@ -1048,7 +1049,7 @@ impl<'a> Batch<'a> {
         let blobs = std::mem::take(&mut self.new);
         let locations: Vec<(Digest, Location)> =
             blobs.iter().map(|b| (b.digest, b.entry.location)).collect();
-        self.large.clear();
+        let large = std::mem::take(&mut self.large);
         let committed = std::thread::scope(|s| {
             let durable = job.as_ref().map(|job| {
                 let (tx, barrier) = Barrier::new();
@@ -1067,7 +1068,25 @@ impl<'a> Batch<'a> {
                 lease: self.lease.take(),
                 require_children: self.require_children,
             }))
-        })?;
+        });
+        let committed = match committed {
+            Ok(c) => c,
+            Err(e) => {
+                if e.is_refusal() {
+                    // Refused inside the transaction: certainly nothing committed. Its
+                    // large files go now, and the shard rewinds (the next append
+                    // overwrites the records) instead of retiring its segment.
+                    for (d, g) in large {
+                        let _ = std::fs::remove_file(inner.files.large_path(&d, g));
+                    }
+                    if let Some(w) = self.shard.as_deref_mut() {
+                        Files::rewind(w);
+                    }
+                    self.committed = true;
+                }
+                return Err(e);
+            }
+        };
         if let Some(w) = self.shard.as_deref_mut() {
             inner.files.committed(w, &segments);
         }
@@ -1241,5 +1260,88 @@ mod tests {
         assert!(store.ensure(&d).unwrap());
         store.inner.meta.remove_for_test(&d).unwrap();
         assert!(!store.ensure(&d).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    /// A batch the index refuses (here: a manifest whose children are absent, under
+    /// `require_children`) leaves no large file behind and keeps its shard's segment.
+    #[test]
+    fn a_refused_batch_leaves_no_files_and_keeps_its_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            Options::default().shards(1).large_threshold(1024),
+        )
+        .unwrap();
+        store.put(b"first").unwrap();
+        let seg = |s: &Store| match s
+            .stat(&Digest::compute(Algorithm::Sha256, b"first"))
+            .unwrap()
+            .unwrap()
+            .location
+        {
+            Location::Packed { segment, .. } => segment,
+            Location::Large { .. } => unreachable!(),
+        };
+        let before = seg(&store);
+        let big = vec![7u8; 4096];
+        let absent = Digest::compute(Algorithm::Sha256, b"absent");
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{absent}","size":1}},"layers":[]}}"#
+        );
+        let mut h = DualHasher::new(Algorithm::Sha256);
+        h.update(&big);
+        let (bd, bb) = h.finish();
+        let mut h = DualHasher::new(Algorithm::Sha256);
+        h.update(manifest.as_bytes());
+        let (md, mb) = h.finish();
+        let items = [
+            Hashed {
+                data: &big,
+                digest: bd,
+                blake3: bb,
+                kind: Kind::Layer,
+            },
+            Hashed {
+                data: manifest.as_bytes(),
+                digest: md,
+                blake3: mb,
+                kind: Kind::Manifest,
+            },
+        ];
+        let err = store
+            .inner
+            .store_hashed(&items, &PutOptions::default().require_children(true))
+            .unwrap_err();
+        assert!(matches!(err, Error::MissingChildren { .. }), "{err:?}");
+        assert!(!store.contains(&bd).unwrap() && !store.contains(&md).unwrap());
+        let large: Vec<_> = walk(&dir.path().join("large"));
+        assert!(large.is_empty(), "large files left behind: {large:?}");
+        store.put(b"second").unwrap();
+        let second = store
+            .stat(&Digest::compute(Algorithm::Sha256, b"second"))
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(second.location, Location::Packed { segment, .. } if segment == before),
+            "the shard kept its segment after the refusal"
+        );
+        assert_eq!(&*store.get(&second.digest).unwrap(), b"second");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.path().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
     }
 }
