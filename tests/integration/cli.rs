@@ -231,12 +231,7 @@ fn every_command_works() {
     let v: Value =
         serde_json::from_str(&common::ok_stdout(&common::cli(&root, &["info", "--json"])))
             .expect("info json");
-    let keys: BTreeSet<&str> = v
-        .as_object()
-        .expect("object")
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let keys = common::json_keys(&v);
     assert_eq!(
         keys,
         BTreeSet::from([

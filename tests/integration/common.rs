@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use layerstore::{Algorithm, Digest, Error, Options, Store};
+use layerstore::{Algorithm, Digest, Error, Kind, Options, PutOptions, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::Digest as _;
@@ -430,4 +430,23 @@ fn build_fixtures() -> Result<PathBuf, String> {
             ))
         }
     }
+}
+
+/// Puts `data` with a kind and checks the digest it gets.
+pub fn put_kind(store: &Store, data: &[u8], kind: Kind) -> Digest {
+    let d = store
+        .put_with(data, PutOptions::default().kind(kind))
+        .unwrap_or_else(|e| panic!("put: {e:?}"))
+        .digest;
+    assert_eq!(d, sha256(data));
+    d
+}
+
+/// The keys of a JSON object (panics on anything else).
+pub fn json_keys(v: &serde_json::Value) -> std::collections::BTreeSet<&str> {
+    v.as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect()
 }

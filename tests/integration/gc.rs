@@ -149,15 +149,6 @@ fn index_json(manifests: &[(&[u8], &str)]) -> Vec<u8> {
     .expect("index json")
 }
 
-fn put_kind(store: &Store, data: &[u8], kind: Kind) -> Digest {
-    let d = store
-        .put_with(data, PutOptions::default().kind(kind))
-        .unwrap_or_else(|e| panic!("put: {e:?}"))
-        .digest;
-    assert_eq!(d, common::sha256(data));
-    d
-}
-
 fn put_manifest(store: &Store, json: &[u8], opts: PutOptions) -> Digest {
     let p = store
         .put_manifest(json, opts)
@@ -182,9 +173,12 @@ fn put_parts(
 ) -> Image {
     let mut blobs = BTreeMap::new();
     for l in layers {
-        blobs.insert(put_kind(store, l, Kind::Layer), l.to_vec());
+        blobs.insert(common::put_kind(store, l, Kind::Layer), l.to_vec());
     }
-    blobs.insert(put_kind(store, config, Kind::Config), config.to_vec());
+    blobs.insert(
+        common::put_kind(store, config, Kind::Config),
+        config.to_vec(),
+    );
     let json = manifest_json(config_type, config, layers, subject);
     let manifest = put_manifest(store, &json, opts);
     blobs.insert(manifest, json.clone());
@@ -203,7 +197,10 @@ fn image_over(store: &Store, seed: u64, layers: &[Vec<u8>]) -> Image {
         .iter()
         .map(|l| (common::sha256(l), l.clone()))
         .collect();
-    blobs.insert(put_kind(store, &config, Kind::Config), config.clone());
+    blobs.insert(
+        common::put_kind(store, &config, Kind::Config),
+        config.clone(),
+    );
     let json = manifest_json(media::OCI_CONFIG, &config, &refs, None);
     let manifest = put_manifest(store, &json, PutOptions::default());
     blobs.insert(manifest, json.clone());
@@ -493,7 +490,7 @@ fn a_container_keeps_its_untagged_image_until_the_container_goes() {
     store
         .container_create("example.com/b:1", Some("db"))
         .expect("container on b");
-    let junk = put_kind(&store, &common::blob(39, 500), Kind::Other);
+    let junk = common::put_kind(&store, &common::blob(39, 500), Kind::Other);
 
     match store.remove_image("example.com/a:1", false) {
         Err(Error::InUse {
@@ -551,7 +548,7 @@ fn leases_protect_blobs_and_manifests_until_removed() {
     let dir = common::tempdir();
     let store = common::open_with(dir.path(), small_opts());
     let lease = store.lease_create(None).expect("lease");
-    let x = put_kind(&store, &common::blob(40, 2 * KIB), Kind::Other);
+    let x = common::put_kind(&store, &common::blob(40, 2 * KIB), Kind::Other);
     store.lease_add(&lease.id, &[x]).expect("lease add");
     let y = store
         .put_with(
@@ -568,7 +565,7 @@ fn leases_protect_blobs_and_manifests_until_removed() {
         &[KIB, 3 * KIB],
         PutOptions::default().lease(lease.id.clone()),
     );
-    let junk = put_kind(&store, &common::blob(43, 100), Kind::Other);
+    let junk = common::put_kind(&store, &common::blob(43, 100), Kind::Other);
     assert_eq!(store.counts(&x).expect("counts"), (0, 1));
     assert_eq!(store.counts(&y).expect("counts"), (0, 1));
     assert_eq!(store.counts(&img.manifest).expect("counts"), (0, 1));
@@ -606,8 +603,8 @@ fn content_already_stored_and_put_again_under_a_lease_is_held() {
     let store = common::open_with(dir.path(), small_opts());
     let img = put_image(&store, 44, &[], &[KIB, 2 * KIB]);
     let x_bytes = common::blob(45, 500);
-    let x = put_kind(&store, &x_bytes, Kind::Other);
-    let junk = put_kind(&store, &common::blob(46, 100), Kind::Other);
+    let x = common::put_kind(&store, &x_bytes, Kind::Other);
+    let junk = common::put_kind(&store, &common::blob(46, 100), Kind::Other);
     let lease = store.lease_create(None).expect("lease");
     let again = put_manifest(
         &store,
@@ -646,7 +643,7 @@ fn an_expired_lease_is_dropped_and_its_blobs_collected_in_the_same_run() {
         .lease_create(Some(Duration::from_millis(300)))
         .expect("short lease");
     let forever = store.lease_create(None).expect("lease");
-    let x = put_kind(&store, &common::blob(50, KIB), Kind::Other);
+    let x = common::put_kind(&store, &common::blob(50, KIB), Kind::Other);
     store.lease_add(&short.id, &[x]).expect("lease add");
     let img = put_image_with(
         &store,
@@ -655,7 +652,7 @@ fn an_expired_lease_is_dropped_and_its_blobs_collected_in_the_same_run() {
         &[2 * KIB, 70 * KIB],
         PutOptions::default().lease(short.id.clone()),
     );
-    let z = put_kind(&store, &common::blob(52, KIB), Kind::Other);
+    let z = common::put_kind(&store, &common::blob(52, KIB), Kind::Other);
     store.lease_add(&forever.id, &[z]).expect("lease add");
 
     let r = gc0(&store);
@@ -698,7 +695,7 @@ fn an_expired_lease_is_dropped_and_its_blobs_collected_in_the_same_run() {
 fn grace_period_keeps_fresh_blobs_and_what_young_manifests_reach() {
     let dir = common::tempdir();
     let store = common::open_with(dir.path(), small_opts());
-    let fresh = put_kind(&store, &common::blob(60, KIB), Kind::Other);
+    let fresh = common::put_kind(&store, &common::blob(60, KIB), Kind::Other);
     let r = run_gc(&store, &GcOptions::default().grace(Duration::from_secs(2)));
     assert_eq!(
         r.removed_blobs, 0,
@@ -714,10 +711,10 @@ fn grace_period_keeps_fresh_blobs_and_what_young_manifests_reach() {
     let cfg = config_json(61);
     let l1 = common::blob(62, 2 * KIB);
     let l2 = common::blob(63, 80 * KIB);
-    put_kind(&store, &cfg, Kind::Config);
-    put_kind(&store, &l1, Kind::Layer);
-    put_kind(&store, &l2, Kind::Layer);
-    let stray = put_kind(&store, &common::blob(64, KIB), Kind::Other);
+    common::put_kind(&store, &cfg, Kind::Config);
+    common::put_kind(&store, &l1, Kind::Layer);
+    common::put_kind(&store, &l2, Kind::Layer);
+    let stray = common::put_kind(&store, &common::blob(64, KIB), Kind::Other);
     std::thread::sleep(YOUNG_GRACE + Duration::from_millis(300));
     let put_at = Instant::now();
     let json = manifest_json(media::OCI_CONFIG, &cfg, &[&l1, &l2], None);
@@ -772,7 +769,7 @@ fn an_index_keeps_its_platform_manifests_and_goes_with_them_in_one_run() {
         assert_eq!(p.kind, Kind::Index);
         let idx = p.descriptor.digest;
         store.tag("example.com/multi:1", &idx).expect("tag index");
-        let junk = put_kind(&store, &common::blob(73, 200), Kind::Other);
+        let junk = common::put_kind(&store, &common::blob(73, 200), Kind::Other);
         let mut all: BTreeSet<Digest> = amd.digests();
         all.extend(arm.digests());
         all.insert(idx);
@@ -844,11 +841,11 @@ fn writes_between_mark_and_sweep_keep_what_they_reference() {
     // A dead image that gets tagged inside the window.
     let revived = put_image(&store, 82, &[], &[2 * KIB, 70 * KIB]);
     // Loose blobs: leased, re-put and `ensure`d inside the window; one stays garbage.
-    let leased = put_kind(&store, &common::blob(83, 300), Kind::Other);
+    let leased = common::put_kind(&store, &common::blob(83, 300), Kind::Other);
     let reput_bytes = common::blob(84, 300);
-    let reput = put_kind(&store, &reput_bytes, Kind::Other);
-    let ensured = put_kind(&store, &common::blob(85, 300), Kind::Other);
-    let junk = put_kind(&store, &common::blob(86, 300), Kind::Other);
+    let reput = common::put_kind(&store, &reput_bytes, Kind::Other);
+    let ensured = common::put_kind(&store, &common::blob(85, 300), Kind::Other);
+    let junk = common::put_kind(&store, &common::blob(86, 300), Kind::Other);
     let before = stored(&store);
     assert_eq!(store.counts(&l_d).expect("counts"), (1, 0));
 
@@ -863,7 +860,7 @@ fn writes_between_mark_and_sweep_keep_what_they_reference() {
             ran = true;
             // The layer is a candidate, but still stored: a push may reuse it.
             assert!(store.contains(&l_d).expect("contains"));
-            put_kind(&store, &new_cfg, Kind::Config);
+            common::put_kind(&store, &new_cfg, Kind::Config);
             assert_eq!(
                 put_manifest(&store, &new_json, PutOptions::default()),
                 new_m
@@ -955,12 +952,12 @@ fn dry_run_reports_exactly_what_the_real_run_removes() {
         PutOptions::default(),
     );
     let lease = store.lease_create(None).expect("lease");
-    let leased = put_kind(&store, &common::blob(96, KIB), Kind::Other);
+    let leased = common::put_kind(&store, &common::blob(96, KIB), Kind::Other);
     store.lease_add(&lease.id, &[leased]).expect("lease add");
     let short = store
         .lease_create(Some(Duration::from_millis(50)))
         .expect("lease");
-    let expiring = put_kind(&store, &common::blob(97, KIB), Kind::Other);
+    let expiring = common::put_kind(&store, &common::blob(97, KIB), Kind::Other);
     store.lease_add(&short.id, &[expiring]).expect("lease add");
     let loose = store
         .put_many((0..20).map(|i| common::blob(1_000 + i, 200 + i as usize * 150)))
@@ -1500,7 +1497,7 @@ fn an_interrupted_collection_deletes_nothing() {
     let dir = common::tempdir();
     let store = common::open_with(dir.path(), small_opts());
     let img = put_image(&store, 125, &[], &[KIB, 70 * KIB]);
-    let junk = put_kind(&store, &common::blob(126, 100), Kind::Other);
+    let junk = common::put_kind(&store, &common::blob(126, 100), Kind::Other);
     settle();
     let before = listing(&store);
     let stop = AtomicBool::new(true);
@@ -2046,7 +2043,7 @@ fn cli_gc_dry_run_json_image_prune_and_text() {
         store
             .container_create("example.com/b:1", Some("web"))
             .expect("container");
-        let junk = put_kind(&store, &common::blob(143, 500), Kind::Other);
+        let junk = common::put_kind(&store, &common::blob(143, 500), Kind::Other);
         (a, b, c, junk)
     };
     settle();

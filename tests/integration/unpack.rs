@@ -1828,12 +1828,7 @@ fn cli_unpack_reports_and_refuses_an_existing_target() {
         &["unpack", "test/x:base", target.to_str().unwrap(), "--json"],
     ));
     let v: Value = serde_json::from_str(&stdout).expect("a JSON report");
-    let keys: BTreeSet<&str> = v
-        .as_object()
-        .expect("object")
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let keys = common::json_keys(&v);
     assert_eq!(
         keys,
         BTreeSet::from([

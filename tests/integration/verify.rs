@@ -418,15 +418,6 @@ fn manifest_json(config: &[u8], layers: &[Layer], note: &str) -> Vec<u8> {
     .expect("manifest json")
 }
 
-fn put_kind(store: &Store, data: &[u8], kind: Kind) -> Digest {
-    let d = store
-        .put_with(data, PutOptions::default().kind(kind))
-        .unwrap_or_else(|e| panic!("put: {e:?}"))
-        .digest;
-    assert_eq!(d, common::sha256(data));
-    d
-}
-
 fn put_manifest(store: &Store, json: &[u8]) -> Digest {
     let p = store
         .put_manifest(json, PutOptions::default())
@@ -472,10 +463,10 @@ fn put_image(
 ) -> Img {
     let layer_digests: Vec<Digest> = layers
         .iter()
-        .map(|l| put_kind(store, &l.bytes, Kind::Layer))
+        .map(|l| common::put_kind(store, &l.bytes, Kind::Layer))
         .collect();
     let config = config_json(diff_ids, note);
-    let config_digest = put_kind(store, &config, Kind::Config);
+    let config_digest = common::put_kind(store, &config, Kind::Config);
     let manifest = put_manifest(store, &manifest_json(&config, layers, note));
     Img {
         name: name.map(|n| tag(store, n, &manifest)).unwrap_or_default(),
@@ -644,9 +635,9 @@ fn flipped_bytes_are_found_at_each_depth_and_name_their_images() {
     let a_small = gz_layer(&common::blob(10, 3 * KIB));
     let a_big = gz_layer(&common::blob(11, 100 * KIB));
     let a_layers = [a_small.clone(), a_big.clone()];
-    let a_small_d = put_kind(&store, &a_small.bytes, Kind::Layer);
+    let a_small_d = common::put_kind(&store, &a_small.bytes, Kind::Layer);
     let a_config = config_json(&[a_small.diff_id, a_big.diff_id], "a");
-    let a_config_d = put_kind(&store, &a_config, Kind::Config);
+    let a_config_d = common::put_kind(&store, &a_config, Kind::Config);
     // ... then filler that seals that segment ...
     let filler: Vec<Digest> = store
         .put_many((0..40).map(|i| common::blob(1000 + i, 4 * KIB)))
@@ -655,7 +646,7 @@ fn flipped_bytes_are_found_at_each_depth_and_name_their_images() {
         .map(|d| d.digest)
         .collect();
     // ... then the large layer and the manifest.
-    let a_big_d = put_kind(&store, &a_big.bytes, Kind::Layer);
+    let a_big_d = common::put_kind(&store, &a_big.bytes, Kind::Layer);
     let a_manifest = put_manifest(&store, &manifest_json(&a_config, &a_layers, "a"));
     let a_name = tag(&store, "example.com/verify/a:1", &a_manifest);
     // Image B lands in the active segment, with a large layer.
@@ -821,8 +812,8 @@ fn truncated_store(root: &Path) -> Damaged {
     let store = common::open_with(root, one_shard());
     let s1 = gz_layer(&common::blob(30, 3 * KIB));
     let s2 = gz_layer(&common::blob(31, 3 * KIB));
-    let s1_d = put_kind(&store, &s1.bytes, Kind::Layer);
-    let s2_d = put_kind(&store, &s2.bytes, Kind::Layer);
+    let s1_d = common::put_kind(&store, &s1.bytes, Kind::Layer);
+    let s2_d = common::put_kind(&store, &s2.bytes, Kind::Layer);
     store
         .put_many((0..40).map(|i| common::blob(3000 + i, 4 * KIB)))
         .expect("put filler");
@@ -1357,7 +1348,7 @@ fn deep_finds_a_wrong_diff_id_on_a_layer_another_image_lists_correctly() {
             &format!("bad{i}"),
         );
         let config = config_json(&[layer.diff_id], &format!("good{i}"));
-        put_kind(&store, &config, Kind::Config);
+        common::put_kind(&store, &config, Kind::Config);
         let m = manifest_sorting(
             &config,
             std::slice::from_ref(&layer),
@@ -1664,8 +1655,8 @@ fn populate(store: &Store) -> Populated {
         "subject": desc(media::OCI_MANIFEST, &ma),
     }))
     .expect("sig json");
-    let payload_d = put_kind(store, &payload, Kind::Layer);
-    let sig_config_d = put_kind(store, &sig_config, Kind::Config);
+    let payload_d = common::put_kind(store, &payload, Kind::Layer);
+    let sig_config_d = common::put_kind(store, &sig_config, Kind::Config);
     let sig_d = put_manifest(store, &sig);
     assert_eq!(
         store.referrers(&a.manifest).expect("referrers"),
