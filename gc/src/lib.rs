@@ -40,8 +40,8 @@ pub trait Sweeper<N> {
     type Error;
 
     /// Deletes what it still may of `batch` (re-checking each node), and returns the nodes
-    /// it deleted plus the nodes that lost their last parent because of it (to be
-    /// considered in turn).
+    /// it deleted plus children of them that may have become garbage (to be considered
+    /// in the next round; reporting a child that still has other parents is harmless).
     fn sweep(&mut self, batch: &[N]) -> Result<Swept<N>, Self::Error>;
 }
 
@@ -52,10 +52,11 @@ pub struct Swept<N> {
     pub deleted: Vec<N>,
     /// Nodes the sweeper kept because its re-check found them live.
     pub kept: Vec<N>,
-    /// Nodes orphaned by the deletions (candidates for a follow-up sweep).
+    /// Children of the deleted nodes, which may now be garbage (offered again, in the next
+    /// round, if they were candidates).
     pub orphaned: Vec<N>,
     /// Nodes of the batch the sweeper did not get to (it bounds its time per call); they
-    /// are offered again later.
+    /// are offered again first.
     pub deferred: Vec<N>,
 }
 
@@ -139,6 +140,10 @@ pub struct GcPlan<N> {
     pub total: usize,
     /// Unreachable nodes, in the order given by the caller's node list.
     pub candidates: Vec<N>,
+    /// The candidates no other candidate names (same order): [`execute`] offers these
+    /// first, and each other candidate only once a deletion has orphaned it, so a child is
+    /// offered once, after its parents, instead of again and again while they stand.
+    pub first: Vec<N>,
     /// Time spent marking.
     pub mark_time: Duration,
 }
@@ -190,18 +195,47 @@ pub fn plan<G: Graph>(
     let n_roots = roots.iter().collect::<HashSet<_>>().len();
     let marked = mark(graph, roots, opts)?;
     let mut total = 0;
-    let candidates = all
+    let candidates: Vec<G::Node> = all
         .into_iter()
         .inspect(|_| total += 1)
         .filter(|n| !marked.contains(n))
         .collect();
+    let n_marked = marked.len();
+    drop(marked);
+    let first = sources(graph, &candidates)?;
     Ok(GcPlan {
-        marked: marked.len(),
+        marked: n_marked,
         roots: n_roots,
         total,
         candidates,
+        first,
         mark_time: start.elapsed(),
     })
+}
+
+/// The members of `nodes` that no member of `nodes` names, in their order.
+fn sources<G: Graph>(graph: &G, nodes: &[G::Node]) -> Result<Vec<G::Node>, Error<G::Error>> {
+    let set: HashSet<G::Node> = nodes.iter().copied().collect();
+    let named: HashSet<G::Node> = nodes
+        .par_chunks(256)
+        .map(|chunk| {
+            let mut out = Vec::new();
+            for n in chunk {
+                graph.children(n, &mut out)?;
+            }
+            out.retain(|c| set.contains(c));
+            Ok(out)
+        })
+        .collect::<Result<Vec<Vec<G::Node>>, G::Error>>()
+        .map_err(Error::Graph)?
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(nodes
+        .iter()
+        .filter(|n| !named.contains(n))
+        .copied()
+        .collect())
 }
 
 /// What [`execute`] did.
@@ -215,17 +249,24 @@ pub struct Outcome<N> {
     pub sweeps: usize,
 }
 
-/// Offers the plan's candidates to the sweeper in batches, then the nodes it reports as
-/// orphaned (only those that were candidates: a marked node is live), until nothing is
-/// left. A node is orphaned when its last parent is deleted, and each parent is deleted
-/// once, so the run terminates.
+/// Offers the plan's `first` candidates to the sweeper in batches, then the nodes it
+/// reports as orphaned (only those that were candidates: a marked node is live), until
+/// nothing is left. A node is orphaned when a parent of it is deleted, and each parent is
+/// deleted once, so the run terminates. A candidate whose candidate parent the re-check
+/// keeps is never offered: it is live through that parent.
+///
+/// Offers go in rounds, each in node order: first `first` (in the order the plan lists
+/// them; [`plan`] keeps the order of `all`), then, sorted, the nodes orphaned during the
+/// previous round. A sweeper whose storage is ordered by node (a B-tree keyed by it)
+/// therefore sees batches of neighbouring keys, and deferred nodes are offered again
+/// first, so that order holds.
 pub fn execute<N, S>(
     plan: &GcPlan<N>,
     sweeper: &mut S,
     opts: &Options<'_>,
 ) -> Result<Outcome<N>, Error<S::Error>>
 where
-    N: Copy + Eq + Hash,
+    N: Copy + Eq + Hash + Ord,
     S: Sweeper<N>,
 {
     let candidates: HashSet<N> = plan.candidates.iter().copied().collect();
@@ -235,10 +276,21 @@ where
         kept: Vec::new(),
         sweeps: 0,
     };
-    let mut queue: std::collections::VecDeque<N> = plan.candidates.iter().copied().collect();
-    let total = queue.len() as u64;
+    let mut queue: std::collections::VecDeque<N> = plan.first.iter().copied().collect();
+    let mut next_round: Vec<N> = Vec::new();
+    let total = plan.candidates.len() as u64;
     let mut kept: HashSet<N> = HashSet::new();
-    while !queue.is_empty() {
+    loop {
+        if queue.is_empty() {
+            if next_round.is_empty() {
+                break;
+            }
+            next_round.sort_unstable();
+            next_round.dedup();
+            next_round.retain(|n| !deleted_set.contains(n));
+            queue.extend(next_round.drain(..));
+            continue;
+        }
         if opts.interrupt.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
@@ -259,14 +311,16 @@ where
         }
         for o in swept.orphaned {
             if candidates.contains(&o) && !deleted_set.contains(&o) {
-                queue.push_back(o);
+                next_round.push(o);
             }
         }
         if !swept.deferred.is_empty() && swept.deferred.len() == batch.len() {
             // No progress at all: the sweeper must always get through one node.
             return Err(Error::Stalled);
         }
-        queue.extend(swept.deferred);
+        for d in swept.deferred.into_iter().rev() {
+            queue.push_front(d);
+        }
         opts.progress
             .report("sweep", out.deleted.len() as u64, Some(total));
     }
@@ -379,6 +433,7 @@ mod tests {
             roots: 0,
             total: 2,
             candidates: vec![1, 2],
+            first: vec![1],
             mark_time: Duration::ZERO,
         };
         assert_eq!(execute(&p, &mut g, &opts).unwrap_err(), Error::Interrupted);

@@ -61,6 +61,9 @@ const K_BLOBS: &str = "blob_count";
 const K_BYTES: &str = "blob_bytes";
 const K_LARGE_BLOBS: &str = "large_count";
 const K_LARGE_BYTES: &str = "large_bytes";
+/// Set (to 1) while a collection owes reference-count decrements it has not written yet:
+/// a crash leaves it set, and open then rebuilds the counts from the edges.
+const K_OWED: &str = "gc_owed_counts";
 
 /// Where a blob's bytes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -302,9 +305,21 @@ pub(crate) enum Op {
 }
 
 /// The collector's deletion of one batch of candidates.
-#[derive(Debug)]
+///
+/// Deleting a parent removes its edges at once but defers the decrement of its children's
+/// `refcount`s: the collector collects them and hands them back in key order (here, in
+/// `decrements`), so each transaction writes neighbouring keys instead of one random
+/// B-tree page per child. Until a decrement is applied the child's count is too high,
+/// never too low, so nothing live can look deletable; the `gc_owed_counts` flag marks
+/// the window for crash recovery.
+#[derive(Debug, Default)]
 pub(crate) struct SweepOp {
+    /// Candidates, in key order.
     pub candidates: Vec<Digest>,
+    /// Owed decrements `(child, by)`, applied before the candidates are re-checked.
+    pub decrements: Vec<(Digest, u64)>,
+    /// The collector owes nothing more after this op: clear the flag.
+    pub settled: bool,
     /// Blobs touched at or after this instant are kept (the grace period).
     pub keep_touched_after_ms: u64,
     /// A referrer whose only parent is its subject goes even if the subject stays.
@@ -328,10 +343,21 @@ pub(crate) struct Sweep {
     pub deleted: Vec<(Digest, BlobEntry)>,
     /// Candidates found live.
     pub kept: Vec<Digest>,
-    /// Blobs whose last parent was deleted and that are still live (held or young).
-    pub orphaned: Vec<Digest>,
+    /// One entry per edge the deletions removed: the child whose `refcount` the
+    /// collector now owes a decrement (it may be a candidate in turn).
+    pub owed: Vec<Digest>,
     /// Candidates not looked at (the transaction's time budget ran out).
     pub deferred: Vec<Digest>,
+}
+
+/// How [`Tx::sweep_one`] removes a blob.
+#[derive(Clone, Copy)]
+enum Removal {
+    /// Whatever holds it (quarantine); its children are decremented at once.
+    Forced,
+    /// Only if the re-check finds it garbage; `refs` is its count if the caller has just
+    /// read it. Its children's decrements are deferred.
+    IfGarbage { refs: Option<u64> },
 }
 
 /// What the re-check did with one blob.
@@ -431,14 +457,18 @@ pub struct Counters {
 }
 
 impl Meta {
-    /// Opens (or creates) `meta.redb`. A database another process holds is `Locked`.
-    pub fn open(path: &Path, root: &Path) -> Result<Meta> {
-        let db = Database::builder().create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::Locked {
-                path: root.to_owned(),
-            },
-            e => e.into(),
-        })?;
+    /// Opens (or creates) `meta.redb` with a page cache of `cache` bytes. A database
+    /// another process holds is `Locked`.
+    pub fn open(path: &Path, root: &Path, cache: usize) -> Result<Meta> {
+        let db = Database::builder()
+            .set_cache_size(cache)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::Locked {
+                    path: root.to_owned(),
+                },
+                e => e.into(),
+            })?;
         Ok(Meta {
             db,
             queue: Mutex::new(Queue::default()),
@@ -519,6 +549,13 @@ impl Meta {
             txn.commit()?;
         }
         Ok(())
+    }
+
+    /// Whether a collection owes reference-count decrements in this snapshot (one is
+    /// running, or one was cut short and the counts await a rebuild): counts may then be
+    /// higher than the edges imply, never lower.
+    pub fn owes_counts(txn: &ReadTransaction) -> Result<bool> {
+        Ok(txn.open_table(META)?.get(K_OWED)?.is_some())
     }
 
     /// A read snapshot.
@@ -870,16 +907,15 @@ impl<'t> Tx<'t> {
             Op::Relocate(op) => self.relocate(op),
             Op::Quarantine(ds) => {
                 let op = SweepOp {
-                    candidates: Vec::new(),
                     keep_touched_after_ms: u64::MAX,
-                    drop_referrers: false,
+                    ..SweepOp::default()
                 };
                 let mut dead = HashMap::new();
                 let mut sw = Sweep::default();
                 for d in ds {
-                    let mut ignored = Vec::new();
+                    // Forced: the children's counts are decremented at once.
                     if let Swept::Deleted(e) =
-                        self.sweep_one(d, &op, true, true, &mut dead, &mut ignored)?
+                        self.sweep_one(d, &op, true, Removal::Forced, &mut dead, &mut Vec::new())?
                     {
                         sw.deleted.push((*d, e));
                     }
@@ -1207,13 +1243,14 @@ impl<'t> Tx<'t> {
         }))
     }
 
-    /// Removes `parent`'s outgoing edges in `referrers` or `edges`, decrementing the
-    /// children; children left without parents are pushed to `orphaned`.
+    /// Removes `parent`'s outgoing edges in `referrers` or `edges`. With `owed`, the
+    /// children's decrements are deferred: each child is pushed there once per edge;
+    /// without, they are applied now.
     fn drop_edges(
         &mut self,
         parent: &Digest,
         referrer: bool,
-        orphaned: &mut Vec<Digest>,
+        mut owed: Option<&mut Vec<Digest>>,
     ) -> Result<()> {
         let table = if referrer {
             &mut self.referrers
@@ -1225,22 +1262,56 @@ impl<'t> Tx<'t> {
             .map(|v| v.map(|g| g.value().to_vec()))
             .collect::<std::result::Result<_, _>>()?;
         for c in children {
-            let n = self.refcount.get(&*c)?.map_or(0, |v| v.value());
-            if n <= 1 {
-                self.refcount.remove(&*c)?;
-                orphaned.push(Digest::from_key(&c)?);
-            } else {
-                self.refcount.insert(&*c, n - 1)?;
+            match owed.as_deref_mut() {
+                Some(owed) => owed.push(Digest::from_key(&c)?),
+                None => {
+                    self.decrement(&c, 1)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// The collector's re-check and delete. A candidate goes only if, now, nothing holds
-    /// it, no stored parent names it, and it was not touched within the grace period.
+    /// Lowers `refcount[key]` by `by` (removing it at 0); returns what is left.
+    fn decrement(&mut self, key: &[u8], by: u64) -> Result<u64> {
+        let old = self.refcount.remove(key)?.map_or(0, |v| v.value());
+        let left = old.saturating_sub(by);
+        if left > 0 {
+            self.refcount.insert(key, left)?;
+        }
+        Ok(left)
+    }
+
+    /// The subject of the referrer `key`, if the `subject -> key` edge is stored.
+    fn subject_edge(&mut self, key: &[u8]) -> Result<Option<Digest>> {
+        let Some(s) = self
+            .referrer_of
+            .get(key)?
+            .map(|v| Digest::from_key(v.value()))
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let stored = self
+            .referrers
+            .get(&*s.key())?
+            .any(|r| r.is_ok_and(|r| r.value() == key));
+        Ok(stored.then_some(s))
+    }
+
+    /// The collector's re-check and delete. First the owed decrements, then each
+    /// candidate goes only if, now, nothing holds it, no stored parent names it, and it
+    /// was not touched within the grace period. Children of what it deletes are not
+    /// visited here (that would be a random B-tree page each): they come back as `owed`.
     fn sweep(&mut self, op: &SweepOp) -> Result<Result<Outcome>> {
         let start = std::time::Instant::now();
         let mut sw = Sweep::default();
+        // What is left of each decremented count, so a candidate among them needs no
+        // second look.
+        let mut left: HashMap<Digest, u64> = HashMap::with_capacity(op.decrements.len());
+        for (c, by) in &op.decrements {
+            left.insert(*c, self.decrement(&c.key(), *by)?);
+        }
         let any_referrers = self.referrers.iter()?.next().is_some();
         let mut dead: HashMap<u64, u64> = HashMap::new();
         for (n, d) in op.candidates.iter().enumerate() {
@@ -1248,19 +1319,19 @@ impl<'t> Tx<'t> {
                 sw.deferred.extend_from_slice(&op.candidates[n..]);
                 break;
             }
-            // A deletion cascades to children it leaves without parents, in this same
-            // transaction: each goes through the same re-check.
-            let mut work = vec![*d];
-            while let Some(d) = work.pop() {
-                let mut orphaned = Vec::new();
-                match self.sweep_one(&d, op, any_referrers, false, &mut dead, &mut orphaned)? {
-                    Swept::Deleted(e) => sw.deleted.push((d, e)),
-                    Swept::Gone => {}
-                    Swept::Live if d == op.candidates[n] => sw.kept.push(d),
-                    Swept::Live => sw.orphaned.push(d),
-                }
-                work.extend(orphaned);
+            let how = Removal::IfGarbage {
+                refs: left.get(d).copied(),
+            };
+            match self.sweep_one(d, op, any_referrers, how, &mut dead, &mut sw.owed)? {
+                Swept::Deleted(e) => sw.deleted.push((*d, e)),
+                Swept::Gone => {}
+                Swept::Live => sw.kept.push(*d),
             }
+        }
+        if op.settled {
+            self.meta.remove(K_OWED)?;
+        } else if !sw.owed.is_empty() {
+            self.meta.insert(K_OWED, 1)?;
         }
         self.add_dead(dead)?;
         Ok(Ok(Outcome {
@@ -1336,6 +1407,8 @@ impl<'t> Tx<'t> {
             }
         }
         let fixed_rc = rewrite_counts(&mut self.refcount, &indegree)?;
+        // Whatever a collection still owed is in these counts now.
+        self.meta.remove(K_OWED)?;
         let fixed_holds = rewrite_counts(&mut self.holds, &holders)?;
         Ok(Ok(Outcome {
             rebuilt: (fixed_rc, fixed_holds),
@@ -1343,58 +1416,76 @@ impl<'t> Tx<'t> {
         }))
     }
 
-    /// Re-checks one blob and deletes it if it is garbage now; children it orphans go to
-    /// `orphaned`.
+    /// Re-checks one blob and deletes it if it is garbage now (or, `force`d, whatever
+    /// holds it). Unforced, the decrements its children are owed go to `owed`; forced,
+    /// they are applied at once.
     fn sweep_one(
         &mut self,
         d: &Digest,
         op: &SweepOp,
         any_referrers: bool,
-        force: bool,
+        how: Removal,
         dead: &mut HashMap<u64, u64>,
-        orphaned: &mut Vec<Digest>,
+        owed: &mut Vec<Digest>,
     ) -> Result<Swept> {
         let key = d.key();
-        let Some(e) = self.entry(d)? else {
-            return Ok(Swept::Gone);
+        let (force, known_refs) = match how {
+            Removal::Forced => (true, None),
+            Removal::IfGarbage { refs } => (false, refs),
         };
-        let held = self.holds.get(&*key)?.map_or(0, |v| v.value());
-        let mut refs = self.refcount.get(&*key)?.map_or(0, |v| v.value());
+        let e = if force {
+            match self.blobs.remove(&*key)? {
+                Some(v) => BlobEntry::decode(v.value())?,
+                None => return Ok(Swept::Gone),
+            }
+        } else {
+            // The cheap checks first; the entry is read by removing it (one B-tree
+            // operation, not two) and put back in the rare case it turns out young.
+            if self.holds.get(&*key)?.is_some_and(|v| v.value() > 0) {
+                return Ok(Swept::Live);
+            }
+            let mut refs = match known_refs {
+                Some(n) => n,
+                None => self.refcount.get(&*key)?.map_or(0, |v| v.value()),
+            };
+            if refs > 0 && op.drop_referrers && self.subject_edge(&key)?.is_some() {
+                refs -= 1;
+            }
+            if refs > 0 {
+                return Ok(Swept::Live);
+            }
+            let Some(e) = self
+                .blobs
+                .remove(&*key)?
+                .map(|v| BlobEntry::decode(v.value()))
+                .transpose()?
+            else {
+                return Ok(Swept::Gone);
+            };
+            if e.touched_ms >= op.keep_touched_after_ms {
+                self.blobs.insert(&*key, &e.encode()[..])?;
+                return Ok(Swept::Live);
+            }
+            e
+        };
         let image = matches!(e.kind, Kind::Manifest | Kind::Index);
-        // Only manifests and indexes can be referrers.
-        let subject = if image {
-            self.referrer_of
-                .get(&*key)?
+        // A forced removal (quarantine) keeps the blob's incoming edges: it comes back in
+        // place when re-stored. Otherwise a referrer (only manifests and indexes are) is
+        // unhooked from its subject, stored or pending.
+        if image
+            && !force
+            && let Some(s) = self
+                .referrer_of
+                .remove(&*key)?
                 .map(|v| Digest::from_key(v.value()))
                 .transpose()?
-        } else {
-            None
-        };
-        let subject_edge = match &subject {
-            Some(s) => self
-                .referrers
-                .get(&*s.key())?
-                .any(|r| r.is_ok_and(|r| r.value() == &*key)),
-            None => false,
-        };
-        if op.drop_referrers && subject_edge {
-            refs -= 1;
-        }
-        if !force && (held > 0 || refs > 0 || e.touched_ms >= op.keep_touched_after_ms) {
-            return Ok(Swept::Live);
-        }
-        // A forced removal (quarantine) keeps the blob's incoming edges: it comes back in
-        // place when re-stored.
-        if let Some(s) = subject.as_ref().filter(|_| !force) {
-            // Unhook it from its subject (stored or pending).
-            if subject_edge {
-                self.referrers.remove(&*s.key(), &*key)?;
+        {
+            if self.referrers.remove(&*s.key(), &*key)? {
+                // Its count was that one edge (dropped with `drop_referrers`).
                 self.refcount.remove(&*key)?;
             }
             self.pending.remove(&*s.key(), &*key)?;
-            self.referrer_of.remove(&*key)?;
         }
-        self.blobs.remove(&*key)?;
         self.c.blobs -= 1;
         self.c.bytes -= e.size;
         match e.location {
@@ -1406,11 +1497,12 @@ impl<'t> Tx<'t> {
                 *dead.entry(segment).or_default() += RECORD_HEADER_LEN + e.stored_len;
             }
         }
+        let mut owed = (!force).then_some(owed);
         if image {
-            self.drop_edges(d, false, orphaned)?;
+            self.drop_edges(d, false, owed.as_deref_mut())?;
         }
         if any_referrers {
-            self.drop_edges(d, true, orphaned)?;
+            self.drop_edges(d, true, owed)?;
         }
         Ok(Swept::Deleted(e))
     }

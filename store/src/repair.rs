@@ -234,7 +234,7 @@ pub fn rebuild_index(root: &Path) -> Result<RebuildReport> {
         report.old_index = Some(old);
     }
     {
-        let meta = Meta::open(&meta_path, root)?;
+        let meta = Meta::open(&meta_path, root, crate::Options::default().meta_cache)?;
         meta.init(shard_count.max(1))?;
         meta.submit(Op::LeaseCreate(LeaseRecord {
             id: RECOVERED_LEASE.to_owned(),

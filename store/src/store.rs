@@ -36,6 +36,10 @@ pub struct Options {
     pub segment_size: u64,
     /// Create the store if it does not exist. Default true.
     pub create: bool,
+    /// Bytes of index pages the metadata database keeps in memory (redb's cache; the rest
+    /// is read through the OS page cache). Default 256 MiB, which bounds the resident
+    /// memory the index adds (redb's own default is 1 GiB).
+    pub meta_cache: usize,
 }
 
 impl Default for Options {
@@ -45,6 +49,7 @@ impl Default for Options {
             large_threshold: 4 << 20,
             segment_size: 256 << 20,
             create: true,
+            meta_cache: 256 << 20,
         }
     }
 }
@@ -60,6 +65,12 @@ impl Options {
     #[must_use]
     pub fn large_threshold(mut self, bytes: u64) -> Self {
         self.large_threshold = bytes;
+        self
+    }
+    /// Sets the metadata database's page cache size.
+    #[must_use]
+    pub fn meta_cache(mut self, bytes: usize) -> Self {
+        self.meta_cache = bytes;
         self
     }
     /// Sets the segment size limit.
@@ -302,8 +313,13 @@ impl Store {
         if !sys::try_lock(&lock, &lock_path)? {
             return Err(Error::Locked { path: root });
         }
-        let meta = Meta::open(&meta_path, &root)?;
+        let meta = Meta::open(&meta_path, &root, opts.meta_cache)?;
         let shard_count = meta.init(opts.shards)?;
+        if Meta::owes_counts(&meta.read()?)? {
+            // A collection was cut short between deleting parents and writing their
+            // children's decrements: the edges are the truth.
+            meta.submit(Op::RebuildCounts)?;
+        }
         for dir in ["packs", "large", "ingest", "quarantine"] {
             sys::create_dir_durable(&root.join(dir))?;
         }

@@ -491,6 +491,7 @@ impl Store {
                 }
             }
         }
+        let owed = meta::Meta::owes_counts(txn)?;
         let mut recorded: HashMap<Digest, u64> = HashMap::new();
         for r in txn.open_table(meta::REFCOUNT)?.iter()? {
             let (k, v) = r?;
@@ -505,7 +506,9 @@ impl Store {
                 indegree.get(d).copied().unwrap_or(0),
                 recorded.get(d).copied().unwrap_or(0),
             );
-            if want != have {
+            // A collection that owes decrements leaves counts too high for a while
+            // (never too low); open or the next run settles them.
+            if want > have || (want < have && !owed) {
                 out.push(Problem::blob(
                     *d,
                     "refcount",
@@ -622,6 +625,13 @@ impl Store {
 
     /// Quarantines corrupt blobs, rebuilds counts, and reports what images now lack.
     fn repair(&self, problems: &[Problem]) -> Result<Repaired> {
+        // Not beside a collection: it owes decrements the rebuilt counts would already
+        // have, and would apply them twice.
+        let _no_gc = self
+            .inner
+            .gc_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut rep = Repaired::default();
         let corrupt: Vec<Digest> = problems
             .iter()
