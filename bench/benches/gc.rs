@@ -60,6 +60,13 @@ fn main() {
             .unwrap()
             .success();
         assert!(ok, "cp -a {} {}", from.display(), to.display());
+        // Write the copy back now, not during the measured collection.
+        assert!(
+            std::process::Command::new("sync")
+                .status()
+                .unwrap()
+                .success()
+        );
     };
     let reuse = template.as_ref().filter(|t| t.join("meta.redb").exists());
     if let Some(t) = reuse {
@@ -122,27 +129,29 @@ fn main() {
     let stop = AtomicBool::new(false);
     let rss_before = vm_hwm_kib();
     let _ = std::fs::write("/proc/self/clear_refs", "5"); // reset the high-water mark
+    let origin = Instant::now();
     let (report, times) = std::thread::scope(|s| {
         let writer = s.spawn(|| {
-            let mut latencies: Vec<Duration> = Vec::new();
+            // (latency, when it started after `origin`, what)
+            let mut latencies: Vec<(Duration, Duration, &str)> = Vec::new();
             let mut i = 0u64;
             let writer_on = std::env::var_os("GC_NO_WRITER").is_none();
             while writer_on && !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let mut timed = |f: &mut dyn FnMut()| {
+                let mut timed = |what: &'static str, f: &mut dyn FnMut()| {
                     let t = Instant::now();
                     f();
-                    latencies.push(t.elapsed());
+                    latencies.push((t.elapsed(), t - origin, what));
                 };
                 let (mut layer, mut config, mut m) = (None, None, None);
-                timed(&mut || {
+                timed("put", &mut || {
                     layer = Some(store.put(format!("writer layer {i}").as_bytes()).unwrap());
                 });
-                timed(&mut || {
+                timed("put", &mut || {
                     config = Some(store.put(format!("writer config {i}").as_bytes()).unwrap());
                 });
                 let json = manifest(config.as_ref().unwrap(), &[layer.unwrap()]);
-                timed(&mut || {
+                timed("put_manifest", &mut || {
                     m = Some(
                         store
                             .put_manifest(&json, layerstore::PutOptions::default())
@@ -150,7 +159,7 @@ fn main() {
                     );
                 });
                 let d = m.as_ref().unwrap().descriptor.digest;
-                timed(&mut || {
+                timed("tag", &mut || {
                     store.tag(&format!("bench/writer{i}:latest"), &d).unwrap();
                 });
                 std::thread::sleep(Duration::from_millis(2));
@@ -163,7 +172,14 @@ fn main() {
         if let Some(b) = std::env::var("GC_BATCH").ok().and_then(|v| v.parse().ok()) {
             opts.batch = b;
         }
-        let r = store.gc(&opts, &AtomicBool::new(false)).unwrap();
+        // GC_BASELINE=1: the writer alone for 3 s (its latencies without a collection).
+        let baseline = std::env::var_os("GC_BASELINE").is_some();
+        let r = if baseline {
+            std::thread::sleep(Duration::from_secs(3));
+            layerstore::GcReport::default()
+        } else {
+            store.gc(&opts, &AtomicBool::new(false)).unwrap()
+        };
         let took = t.elapsed();
         stop.store(true, Ordering::Relaxed);
         let times = writer.join().unwrap();
@@ -180,12 +196,22 @@ fn main() {
         rss / 1024,
         rss_before / 1024
     );
-    let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let ms = |d: Option<&(Duration, Duration, &str)>| d.map_or(0.0, |d| d.0.as_secs_f64() * 1000.0);
     println!(
         "writer: {} operations (put, put, put_manifest, tag, ...) during gc; p99 {:.1} ms, worst {:.1} ms",
         times.len(),
         ms(times.get(times.len() * 99 / 100)),
         ms(times.last())
     );
-    assert_eq!(report.removed_blobs, (images / 2 * 10) as u64);
+    let mark_end = report.phases.expire_ms + report.phases.mark_ms;
+    for (lat, at, what) in times.iter().rev().take(5) {
+        println!(
+            "  slow: {what} {:.1} ms at {} ms (mark ends at {mark_end} ms)",
+            lat.as_secs_f64() * 1000.0,
+            at.as_millis()
+        );
+    }
+    if std::env::var_os("GC_BASELINE").is_none() {
+        assert_eq!(report.removed_blobs, (images / 2 * 10) as u64);
+    }
 }

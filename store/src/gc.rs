@@ -272,8 +272,10 @@ impl layerstore_gc::Graph for SnapGraph<'_> {
 /// it deleted; they are unlinked only after the collector's final durable commit.
 ///
 /// It also keeps the reference-count decrements the deletions owe (a child once per
-/// removed edge) and hands each back with the batch whose key range covers it, so a
-/// transaction's writes stay among neighbouring keys; [`Sweeper::settle`] writes the rest.
+/// removed edge) and hands each back with the batch that offers that child (children are
+/// offered in key order, in the round after their parents), so a transaction's writes
+/// stay among neighbouring keys; [`Sweeper::settle`] writes the rest (children that were
+/// not candidates), also in key order.
 struct Sweeper<'a> {
     store: &'a Store,
     all: &'a Nodes,
@@ -370,23 +372,18 @@ impl layerstore_gc::Sweeper<u32> for Sweeper<'_> {
     fn sweep(&mut self, batch: &[u32]) -> Result<layerstore_gc::Swept<u32>> {
         let mut nodes = batch.to_vec();
         nodes.sort_unstable();
-        let (Some(&lo), Some(&hi)) = (nodes.first(), nodes.last()) else {
+        if nodes.is_empty() {
             return Ok(layerstore_gc::Swept::default());
-        };
-        let (lo_d, hi_d) = (self.all.digest(lo), self.all.digest(hi));
-        // The decrements owed within this batch's key range.
+        }
+        // The decrements owed to this batch's candidates (each must see its own before
+        // its re-check). Those owed to blobs that are not candidates wait for the settling
+        // at the end, so no transaction takes more than its batch's worth.
         let mut decrements: Vec<(Digest, u64)> = Vec::new();
-        let owed: Vec<u32> = self.owed.range(lo..=hi).map(|(n, _)| *n).collect();
-        for n in owed {
-            let by = self.owed.remove(&n).expect("just listed");
-            decrements.push((self.all.digest(n), by));
+        for &n in &nodes {
+            if let Some(by) = self.owed.remove(&n) {
+                decrements.push((self.all.digest(n), by));
+            }
         }
-        let stray: Vec<Digest> = self.stray.range(lo_d..=hi_d).map(|(d, _)| *d).collect();
-        for d in stray {
-            let by = self.stray.remove(&d).expect("just listed");
-            decrements.push((d, by));
-        }
-        decrements.sort_unstable();
         let of_batch: HashMap<Digest, u32> =
             nodes.iter().map(|&n| (self.all.digest(n), n)).collect();
         let (sw, orphaned) = self.submit(SweepOp {

@@ -727,14 +727,14 @@ impl Meta {
 
     fn commit_batch(&self, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Outcome>)> {
         // Ops that need no durable commit (the collector's sweeps) go in a transaction of
-        // their own, so they neither pay for a writer's fsync nor make a writer wait for
-        // more than their own work. The ops of one round are concurrent, so any order is a
-        // valid serialisation.
+        // their own, so they do not pay for a writer's fsync, and after the writers' one,
+        // so a writer does not wait for their work either. The ops of one round are
+        // concurrent, so any order is a valid serialisation.
         let (relaxed, durable): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|(_, op)| !op.needs_durability());
         let mut results = Vec::new();
-        for part in [relaxed, durable] {
+        for part in [durable, relaxed] {
             if !part.is_empty() {
                 results.extend(self.commit_part(part));
             }
