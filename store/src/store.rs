@@ -37,7 +37,7 @@ pub struct Options {
     /// Create the store if it does not exist. Default true.
     pub create: bool,
     /// Bytes of index pages the metadata database keeps in memory (redb's cache; the rest
-    /// is read through the OS page cache). Default 256 MiB, which bounds the resident
+    /// is read through the OS page cache). Default 128 MiB, which bounds the resident
     /// memory the index adds (redb's own default is 1 GiB).
     pub meta_cache: usize,
 }
@@ -49,7 +49,7 @@ impl Default for Options {
             large_threshold: 4 << 20,
             segment_size: 256 << 20,
             create: true,
-            meta_cache: 256 << 20,
+            meta_cache: 128 << 20,
         }
     }
 }
