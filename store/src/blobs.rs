@@ -7,13 +7,13 @@
 //! and large files are read through mmap (zero-copy); the one active segment per shard is
 //! read with `pread`, so a short file is an error and never a SIGBUS.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::ops::{Deref, Range};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
@@ -267,6 +267,9 @@ pub(crate) struct Files {
     next_segment: AtomicU64,
     next_gen: AtomicU64,
     tmp_seq: AtomicU64,
+    /// Large files renamed into `large/` whose index entry is not committed (or given up)
+    /// yet: the collector's orphan pass leaves them alone, whatever their age.
+    in_flight: Mutex<HashSet<(Digest, u64)>>,
 }
 
 impl Files {
@@ -281,6 +284,7 @@ impl Files {
             // RENAME_NOREPLACE catches the rest.
             next_gen: AtomicU64::new(sys::now_ms().saturating_mul(1000)),
             tmp_seq: AtomicU64::new(0),
+            in_flight: Mutex::new(HashSet::new()),
         }
     }
 
@@ -606,8 +610,11 @@ impl Files {
     /// [`Files::install_large`] for many files: each is fsynced and renamed, then each
     /// directory that received one is fsynced once. On error, files already renamed are
     /// removed again (nothing indexes them yet).
+    ///
+    /// Each installed file is *in flight* (see [`Files::in_flight`]) until its installer
+    /// calls [`Files::settled`], after the commit that indexes it (or gives up).
     pub fn install_many(&self, items: &[(&Path, &File, Digest)]) -> Result<Vec<u64>> {
-        let mut done: Vec<PathBuf> = Vec::with_capacity(items.len());
+        let mut done: Vec<(Digest, u64)> = Vec::with_capacity(items.len());
         let r = (|| {
             let mut gens = Vec::with_capacity(items.len());
             let mut dirs = std::collections::BTreeSet::new();
@@ -618,14 +625,20 @@ impl Files {
                 loop {
                     let generation = self.next_gen.fetch_add(1, Ordering::Relaxed);
                     let dst = self.large_path(d, generation);
+                    // In flight before it has its name, so no orphan pass sees it without.
+                    self.lock_in_flight().insert((*d, generation));
                     match sys::rename_noreplace(tmp, &dst) {
                         Ok(()) => {
-                            done.push(dst);
+                            done.push((*d, generation));
                             gens.push(generation);
                             break;
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                        Err(e) => return Err(Error::io("rename", &dst, e)),
+                        Err(e) => {
+                            self.settled(d, generation);
+                            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                                return Err(Error::io("rename", &dst, e));
+                            }
+                        }
                     }
                 }
                 dirs.insert(dir);
@@ -636,11 +649,30 @@ impl Files {
             Ok(gens)
         })();
         if r.is_err() {
-            for p in done {
-                let _ = std::fs::remove_file(p);
+            for (d, generation) in done {
+                let _ = std::fs::remove_file(self.large_path(&d, generation));
+                self.settled(&d, generation);
             }
         }
         r
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<(Digest, u64)>> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the large file `(d, generation)` was installed and its commit has not
+    /// finished: an unindexed file that is in flight is not an orphan.
+    pub fn in_flight(&self, d: &Digest, generation: u64) -> bool {
+        self.lock_in_flight().contains(&(*d, generation))
+    }
+
+    /// Ends the flight of an installed large file: its commit finished (it is indexed) or
+    /// was given up (it was removed, or is an orphan now).
+    pub fn settled(&self, d: &Digest, generation: u64) {
+        self.lock_in_flight().remove(&(*d, generation));
     }
 }
 

@@ -716,7 +716,19 @@ impl Store {
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|e| e >= age)
         };
+        // Large files: those no entry names, in two passes. A file is installed (and in
+        // flight) before the commit that names it; the second pass skips files in flight
+        // and only then takes the snapshot it checks against, so a file whose commit
+        // finished after the first snapshot is seen indexed, and one still committing is
+        // seen in flight. (Age alone is not enough: `orphan_age` may be 0, a commit may
+        // stall behind a slow disk.)
         let large = self.root().join("large");
+        let files = &self.inner.files;
+        let indexed = |txn: &redb::ReadTransaction, d: &Digest, g: u64| -> Result<bool> {
+            Ok(meta::Meta::entry(txn, d)?
+                .is_some_and(|e| e.location == Location::Large { generation: g }))
+        };
+        let mut unnamed: Vec<(std::path::PathBuf, Option<(Digest, u64)>)> = Vec::new();
         let txn = self.inner.meta.read()?;
         for dir in std::fs::read_dir(&large).ctx("list", &large)? {
             let dir = dir.ctx("list", &large)?.path();
@@ -729,15 +741,28 @@ impl Store {
                     continue;
                 };
                 let parsed = crate::blobs::Files::parse_large_name(name);
-                let indexed = match parsed {
-                    Some((d, g)) => meta::Meta::entry(&txn, &d)?
-                        .is_some_and(|e| e.location == Location::Large { generation: g }),
+                let named = match parsed {
+                    Some((d, g)) => indexed(&txn, &d, g)?,
                     None => false,
                 };
-                if !indexed && old(&p) {
-                    std::fs::remove_file(&p).ctx("remove", &p)?;
-                    removed += 1;
+                if !named && old(&p) {
+                    unnamed.push((p, parsed));
                 }
+            }
+        }
+        drop(txn);
+        unnamed.retain(|(_, parsed)| parsed.is_none_or(|(d, g)| !files.in_flight(&d, g)));
+        let txn = self.inner.meta.read()?;
+        for (p, parsed) in unnamed {
+            if let Some((d, g)) = parsed
+                && indexed(&txn, &d, g)?
+            {
+                continue;
+            }
+            match std::fs::remove_file(&p) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &p, e)),
             }
         }
         drop(txn);
@@ -778,6 +803,34 @@ mod tests {
             config.digest, config.size, layer.digest, layer.size
         )
         .into_bytes()
+    }
+
+    /// A large file renamed into `large/` whose commit has not finished is not an
+    /// orphan, even with `orphan_age` 0; once its installer gives up, it is.
+    #[test]
+    fn a_large_file_in_flight_is_no_orphan_whatever_its_age() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let files = &store.inner.files;
+        let d = Digest::compute(crate::Algorithm::Sha256, b"in flight");
+        let tmp = dir.path().join("ingest").join("flight.tmp");
+        let mut f = std::fs::File::create(&tmp).unwrap();
+        f.write_all(b"a record, as far as the orphan pass cares")
+            .unwrap();
+        let g = files.install_large(&tmp, &f, &d).unwrap();
+        let path = files.large_path(&d, g);
+        assert!(path.exists());
+        let opts = GcOptions::default()
+            .grace(Duration::ZERO)
+            .orphan_age(Duration::ZERO);
+        let r = store.gc(&opts, &AtomicBool::new(false)).unwrap();
+        assert_eq!(r.orphans_removed, 0);
+        assert!(path.exists(), "in flight: kept");
+        files.settled(&d, g);
+        let r = store.gc(&opts, &AtomicBool::new(false)).unwrap();
+        assert_eq!(r.orphans_removed, 1);
+        assert!(!path.exists(), "given up: an orphan");
     }
 
     #[test]

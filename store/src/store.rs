@@ -823,7 +823,7 @@ impl Inner {
         nb.entry.size = size;
         nb.entry.stored_len = size;
         let path = self.files.large_path(&it.digest, generation);
-        match self.meta.submit(Op::Put(PutOp {
+        let r = match self.meta.submit(Op::Put(PutOp {
             blobs: vec![nb],
             lease,
             ..PutOp::default()
@@ -835,7 +835,9 @@ impl Inner {
             }
             // The commit may have reached the disk: leave the file (an orphan at worst).
             Err(e) => Err(e),
-        }
+        };
+        self.files.settled(&it.digest, generation);
+        r
     }
 }
 
@@ -1031,6 +1033,7 @@ impl<'a> Batch<'a> {
         };
         if !self.seen.insert(it.digest) {
             let _ = std::fs::remove_file(self.inner.files.large_path(&it.digest, generation));
+            self.inner.files.settled(&it.digest, generation);
             return Ok(());
         }
         self.large.push((it.digest, generation));
@@ -1085,6 +1088,10 @@ impl<'a> Batch<'a> {
                 require_children: self.require_children,
             }))
         });
+        // Indexed now, or given up (removed below, or an orphan): no longer in flight.
+        for (d, g) in &large {
+            inner.files.settled(d, *g);
+        }
         let committed = match committed {
             Ok(c) => c,
             Err(e) => {
@@ -1122,12 +1129,16 @@ impl<'a> Batch<'a> {
 impl Drop for Batch<'_> {
     fn drop(&mut self) {
         if self.committed {
+            for (d, g) in &self.large {
+                self.inner.files.settled(d, *g);
+            }
             return;
         }
         // Not committed: installed large files are orphans, and the shard's active segment
         // may hold a failed write or an fsync error: it takes no more appends.
         for (d, g) in self.large.drain(..) {
             let _ = std::fs::remove_file(self.inner.files.large_path(&d, g));
+            self.inner.files.settled(&d, g);
         }
         if self.appended
             && let Some(w) = self.shard.as_deref_mut()
