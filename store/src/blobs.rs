@@ -270,6 +270,9 @@ pub(crate) struct Files {
     /// Large files renamed into `large/` whose index entry is not committed (or given up)
     /// yet: the collector's orphan pass leaves them alone, whatever their age.
     in_flight: Mutex<HashSet<(Digest, u64)>>,
+    /// Segments compacted away (file unlinked, still mapped), with the reader epoch that
+    /// began after their records moved: dropped from `views` by [`Files::reap`].
+    retired: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Files {
@@ -285,6 +288,7 @@ impl Files {
             next_gen: AtomicU64::new(sys::now_ms().saturating_mul(1000)),
             tmp_seq: AtomicU64::new(0),
             in_flight: Mutex::new(HashSet::new()),
+            retired: Mutex::new(Vec::new()),
         }
     }
 
@@ -375,7 +379,7 @@ impl Files {
 
     /// Retires a compacted segment: keeps its read view alive for readers that still hold
     /// an older snapshot (the mapping outlives the file), then unlinks the file.
-    pub fn retire_segment(&self, shard: u32, id: u64, len: u64) -> Result<()> {
+    pub fn retire_segment(&self, shard: u32, id: u64, len: u64, epoch: u64) -> Result<()> {
         let view = self
             .views
             .read()
@@ -387,9 +391,45 @@ impl Files {
             // Map it now, while the file still has a name.
             v.read(SEGMENT_HEADER_LEN.min(len), 0)?;
         }
+        self.retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((epoch, id));
         let path = self.segment_path(shard, id);
         std::fs::remove_file(&path).ctx("remove", &path)?;
         sys::sync_dir(&self.shard_dir(shard))
+    }
+
+    /// Whether segment `id` has a view (mapped or mappable) in this process.
+    #[cfg(test)]
+    pub fn has_view(&self, id: u64) -> bool {
+        self.views
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&id)
+    }
+
+    /// Drops the mappings of retired segments that no live snapshot can still name: those
+    /// retired at an epoch no newer than the oldest live snapshot's (`oldest`; `None`: no
+    /// snapshot is live). The unlinked file's space returns once the last `Blob` read from
+    /// it is dropped too. Returns how many were dropped.
+    pub fn reap(&self, oldest: Option<u64>) -> usize {
+        let mut retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (gone, kept): (Vec<_>, Vec<_>) = retired
+            .drain(..)
+            .partition(|(epoch, _)| oldest.is_none_or(|o| o >= *epoch));
+        *retired = kept;
+        let mut views = self
+            .views
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (_, id) in &gone {
+            views.remove(id);
+        }
+        gone.len()
     }
 
     /// Reads the record header of a stored blob with `pread` (never through a mapping, so a

@@ -437,7 +437,7 @@ impl Store {
             dry_run: opts.dry_run,
             ..GcReport::default()
         };
-        if meta::Meta::owes_counts(&self.inner.meta.read()?)? {
+        if meta::Meta::owes_counts(&*self.inner.meta.read()?)? {
             // An earlier run stopped before writing all its decrements.
             self.inner.meta.submit(Op::RebuildCounts)?;
         }
@@ -609,6 +609,8 @@ impl Store {
                 report.compacted_bytes += row.dead_bytes;
             }
         }
+        // Mappings of segments compacted now or by earlier runs that no snapshot needs.
+        self.inner.files.reap(self.inner.meta.oldest_reader());
         report.phases.compact_ms = t.elapsed().as_millis() as u64;
 
         // 5. Orphan files.
@@ -702,7 +704,10 @@ impl Store {
             return result;
         }
         drop(w);
-        files.retire_segment(row.shard, id, row.committed_len)
+        // Snapshots from now on see the new locations; older ones keep the old mapping
+        // until they are gone (`Files::reap`).
+        let epoch = self.inner.meta.advance_epoch();
+        files.retire_segment(row.shard, id, row.committed_len, epoch)
     }
 
     /// Removes large files no index entry names and ingest directories untouched for
@@ -831,6 +836,63 @@ mod tests {
         let r = store.gc(&opts, &AtomicBool::new(false)).unwrap();
         assert_eq!(r.orphans_removed, 1);
         assert!(!path.exists(), "given up: an orphan");
+    }
+
+    /// A snapshot older than a compaction still reads the moved blobs from the old
+    /// segment (unlinked, still mapped); once it is gone, the mapping is dropped, so the
+    /// file's space comes back without closing the store.
+    #[test]
+    fn a_compacted_segment_is_unmapped_once_no_older_snapshot_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Store::open(dir.path(), Options::default().shards(1).segment_size(4096)).unwrap();
+        let lease = store.lease_create(None).unwrap().id;
+        let mut keep = Vec::new();
+        for i in 0..24 {
+            let d = store
+                .put(format!("blob {i} ").repeat(40).as_bytes())
+                .unwrap();
+            if i % 2 == 0 {
+                keep.push(d.digest);
+            }
+        }
+        store.lease_add(&lease, &keep).unwrap();
+        let segment_of =
+            |s: &crate::Snapshot<'_>, d: &Digest| match s.stat(d).unwrap().unwrap().location {
+                Location::Packed { segment, .. } => segment,
+                Location::Large { .. } => unreachable!(),
+            };
+        let old = store.snapshot().unwrap();
+        let first = segment_of(&old, &keep[0]);
+        let opts = GcOptions::default()
+            .grace(Duration::ZERO)
+            .compact_threshold(0.3);
+        let r = store.gc(&opts, &AtomicBool::new(false)).unwrap();
+        assert!(r.segments_compacted > 0, "{r:?}");
+        let now = store.snapshot().unwrap();
+        assert_ne!(segment_of(&now, &keep[0]), first, "moved by compaction");
+        drop(now);
+        // The older snapshot still names the old segment, whose file is gone.
+        assert!(!store.inner.files.segment_path(0, first).exists());
+        assert!(store.inner.files.has_view(first));
+        assert_eq!(
+            &old.get(&keep[0]).unwrap()[..],
+            "blob 0 ".repeat(40).as_bytes()
+        );
+        store.gc(&opts, &AtomicBool::new(false)).unwrap();
+        assert!(
+            store.inner.files.has_view(first),
+            "kept while the old snapshot lives"
+        );
+        drop(old);
+        store.gc(&opts, &AtomicBool::new(false)).unwrap();
+        assert!(
+            !store.inner.files.has_view(first),
+            "dropped once it is gone"
+        );
+        for d in &keep {
+            assert!(store.get(d).is_ok());
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! It must never make a blob visible before its bytes are durable: callers submit a put
 //! only after the data fsync.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
 
@@ -408,6 +408,67 @@ impl Op {
     }
 }
 
+/// The live read snapshots, by the epoch they registered under. Compaction retires a
+/// segment file only from the view of snapshots that began after the commit that moved
+/// its records (FORMAT.md §10.4): the mapping is dropped once no older snapshot is alive.
+#[derive(Default)]
+pub(crate) struct Readers(Mutex<(u64, BTreeMap<u64, usize>)>);
+
+impl Readers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, BTreeMap<u64, usize>)> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn enter(&self) -> u64 {
+        let mut g = self.lock();
+        let e = g.0;
+        *g.1.entry(e).or_default() += 1;
+        e
+    }
+
+    fn leave(&self, epoch: u64) {
+        let mut g = self.lock();
+        if let Some(n) = g.1.get_mut(&epoch) {
+            *n -= 1;
+            if *n == 0 {
+                g.1.remove(&epoch);
+            }
+        }
+    }
+
+    fn advance(&self) -> u64 {
+        let mut g = self.lock();
+        g.0 += 1;
+        g.0
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        self.lock().1.keys().next().copied()
+    }
+}
+
+/// A registered read snapshot ([`Meta::read`]); dereferences to the redb transaction.
+pub(crate) struct Read<'m> {
+    txn: ReadTransaction,
+    epoch: u64,
+    readers: &'m Readers,
+}
+
+impl std::ops::Deref for Read<'_> {
+    type Target = ReadTransaction;
+    fn deref(&self) -> &ReadTransaction {
+        &self.txn
+    }
+}
+
+impl Drop for Read<'_> {
+    fn drop(&mut self) {
+        self.readers.leave(self.epoch);
+    }
+}
+
 /// What an [`Op`] did.
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
@@ -441,6 +502,7 @@ pub(crate) struct Meta {
     db: Database,
     queue: Mutex<Queue>,
     wake: Condvar,
+    readers: Readers,
 }
 
 /// Counters kept in the `meta` table, so `info` is O(1).
@@ -473,6 +535,7 @@ impl Meta {
             db,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            readers: Readers::default(),
         })
     }
 
@@ -558,9 +621,32 @@ impl Meta {
         Ok(txn.open_table(META)?.get(K_OWED)?.is_some())
     }
 
-    /// A read snapshot.
-    pub fn read(&self) -> Result<ReadTransaction> {
-        Ok(self.db.begin_read()?)
+    /// A read snapshot, registered under the current reader epoch until it is dropped.
+    pub fn read(&self) -> Result<Read<'_>> {
+        // Registered before the transaction begins: its epoch is never newer than its view.
+        let epoch = self.readers.enter();
+        match self.db.begin_read() {
+            Ok(txn) => Ok(Read {
+                txn,
+                epoch,
+                readers: &self.readers,
+            }),
+            Err(e) => {
+                self.readers.leave(epoch);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Starts a new reader epoch and returns it: every snapshot registered from now on
+    /// began after whatever the caller committed before this call.
+    pub fn advance_epoch(&self) -> u64 {
+        self.readers.advance()
+    }
+
+    /// The epoch of the oldest live snapshot, if any.
+    pub fn oldest_reader(&self) -> Option<u64> {
+        self.readers.oldest()
     }
 
     /// Looks up one blob in a snapshot.

@@ -315,7 +315,7 @@ impl Store {
         }
         let meta = Meta::open(&meta_path, &root, opts.meta_cache)?;
         let shard_count = meta.init(opts.shards)?;
-        if Meta::owes_counts(&meta.read()?)? {
+        if Meta::owes_counts(&*meta.read()?)? {
             // A collection was cut short between deleting parents and writing their
             // children's decrements: the edges are the truth.
             meta.submit(Op::RebuildCounts)?;
@@ -631,9 +631,11 @@ impl Store {
 
     /// A read snapshot: many lookups against one consistent view of the index.
     pub fn snapshot(&self) -> Result<Snapshot<'_>> {
+        let read = self.inner.meta.read()?;
         Ok(Snapshot {
             store: self,
-            blobs: self.inner.meta.read()?.open_table(crate::meta::BLOBS)?,
+            blobs: read.open_table(crate::meta::BLOBS)?,
+            _read: read,
         })
     }
 
@@ -1175,6 +1177,8 @@ pub struct Snapshot<'s> {
     store: &'s Store,
     /// The `blobs` table, opened once for every lookup through this snapshot.
     blobs: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    /// Keeps the snapshot registered (segments it may read stay mapped).
+    _read: crate::meta::Read<'s>,
 }
 
 impl Snapshot<'_> {
