@@ -498,7 +498,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                 .dry_run(*dry_run)
                 .grace(*grace)
                 .drop_referrers(*drop_referrers);
-            let report = store.gc(&opts, &AtomicBool::new(false))?;
+            let bar = GcBar::new(cli.quiet || *json);
+            let report = store.gc_progress(&opts, &AtomicBool::new(false), &bar)?;
+            bar.0.finish_and_clear();
             if *json {
                 write_json(out, &report)?;
             } else {
@@ -517,10 +519,13 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                     }
                 }
             }
-            let report = store.gc(
+            let bar = GcBar::new(cli.quiet || *json);
+            let report = store.gc_progress(
                 &crate::GcOptions::default().grace(*grace),
                 &AtomicBool::new(false),
+                &bar,
             )?;
+            bar.0.finish_and_clear();
             if *json {
                 #[derive(serde::Serialize)]
                 struct Prune<'a> {
@@ -1040,6 +1045,46 @@ impl<R: Read> Read for ProgressRead<'_, R> {
         let n = self.0.read(buf)?;
         self.1.inc(n as u64);
         Ok(n)
+    }
+}
+
+/// The collector's progress on standard error (when it is a terminal and `quiet` is off):
+/// a counter while it scans and marks, a bar while it sweeps and compacts.
+struct GcBar(indicatif::ProgressBar, std::sync::Mutex<&'static str>);
+
+impl GcBar {
+    fn new(quiet: bool) -> GcBar {
+        let bar = if quiet || !std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new_spinner()
+        };
+        GcBar(bar, std::sync::Mutex::new(""))
+    }
+}
+
+impl crate::Progress for GcBar {
+    fn report(&self, phase: &'static str, done: u64, total: Option<u64>) {
+        let mut current = self
+            .1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *current != phase {
+            *current = phase;
+            let template = match total {
+                Some(_) => "{msg:8} {bar:40} {pos}/{len} eta {eta}",
+                None => "{msg:8} {spinner} {pos} blobs",
+            };
+            if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+                self.0.set_style(style);
+            }
+            self.0.set_message(phase);
+            self.0.reset();
+        }
+        if let Some(t) = total {
+            self.0.set_length(t);
+        }
+        self.0.set_position(done);
     }
 }
 

@@ -21,6 +21,8 @@ use crate::format::{Kind, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use crate::meta::{self, Location, Op, RelocateOp, SegmentRow, SweepOp};
 use crate::store::Store;
 
+pub use layerstore_gc::{NoProgress, Progress};
+
 /// The lease `repair --rebuild-index` puts recovered blobs under; GC refuses to run while
 /// it exists (names, containers and leases cannot be rebuilt from blob bytes).
 pub const RECOVERED_LEASE: &str = "recovered";
@@ -416,7 +418,20 @@ impl Store {
     /// orphan files. With `opts.dry_run`, reports exactly what a real run would remove
     /// (when no writer runs in between) and changes nothing.
     pub fn gc(&self, opts: &GcOptions, interrupt: &AtomicBool) -> Result<GcReport> {
-        self.gc_with(opts, interrupt, &mut || {})
+        self.collect(opts, interrupt, &mut || {}, &layerstore_gc::NoProgress)
+    }
+
+    /// [`Store::gc`], reporting progress: `("scan", blobs read, None)` while it reads the
+    /// index, `("mark", blobs marked, None)` after each frontier, `("sweep", blobs
+    /// removed, Some(candidates))` after each sweep transaction, and `("compact", segments
+    /// looked at, Some(segments))`.
+    pub fn gc_progress(
+        &self,
+        opts: &GcOptions,
+        interrupt: &AtomicBool,
+        progress: &dyn Progress,
+    ) -> Result<GcReport> {
+        self.collect(opts, interrupt, &mut || {}, progress)
     }
 
     /// [`Store::gc`], running `between` after the mark and before the sweep: the window in
@@ -427,6 +442,16 @@ impl Store {
         opts: &GcOptions,
         interrupt: &AtomicBool,
         between: &mut dyn FnMut(),
+    ) -> Result<GcReport> {
+        self.collect(opts, interrupt, between, &layerstore_gc::NoProgress)
+    }
+
+    fn collect(
+        &self,
+        opts: &GcOptions,
+        interrupt: &AtomicBool,
+        between: &mut dyn FnMut(),
+        progress: &dyn Progress,
     ) -> Result<GcReport> {
         let _one_at_a_time = self
             .inner
@@ -481,6 +506,9 @@ impl Store {
         for r in txn.open_table(meta::BLOBS)?.iter()? {
             let (k, v) = r?;
             let e = meta::BlobEntry::decode(v.value())?;
+            if all.len().is_multiple_of(65536) {
+                progress.report("scan", all.len() as u64, None);
+            }
             if e.touched_ms >= cutoff {
                 roots.push(all.len() as u32);
             }
@@ -528,6 +556,7 @@ impl Store {
                 .then_some(referrers),
         };
         let mut engine_opts = layerstore_gc::Options::new(interrupt);
+        engine_opts.progress = progress;
         engine_opts.batch = opts.batch.max(1);
         let plan = layerstore_gc::plan(&graph, roots, 0..all.len() as u32, &engine_opts)
             .map_err(gc_err)?;
@@ -592,10 +621,13 @@ impl Store {
 
         // 4. Compaction.
         let t = Instant::now();
-        for (id, row) in self.inner.meta.segments()? {
+        let segments = self.inner.meta.segments()?;
+        let n_segments = segments.len() as u64;
+        for (i, (id, row)) in segments.into_iter().enumerate() {
             if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
+            progress.report("compact", i as u64, Some(n_segments));
             let body = row.committed_len.saturating_sub(SEGMENT_HEADER_LEN);
             #[allow(clippy::cast_precision_loss)]
             let dead = if body == 0 {
@@ -893,6 +925,48 @@ mod tests {
         for d in &keep {
             assert!(store.get(d).is_ok());
         }
+    }
+
+    /// Progress arrives phase by phase, and the sweep's last report is the whole run.
+    #[test]
+    fn progress_reports_each_phase() {
+        struct Log(std::sync::Mutex<Vec<(&'static str, u64, Option<u64>)>>);
+        impl Progress for Log {
+            fn report(&self, phase: &'static str, done: u64, total: Option<u64>) {
+                self.0.lock().unwrap().push((phase, done, total));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        for i in 0..10 {
+            let c = store.put(format!("config {i}").as_bytes()).unwrap();
+            let l = store.put(format!("layer {i}").as_bytes()).unwrap();
+            let m = store
+                .put_manifest(&manifest(&c, &l), PutOptions::default())
+                .unwrap()
+                .descriptor
+                .digest;
+            if i % 2 == 0 {
+                store.tag(&format!("keep{i}:latest"), &m).unwrap();
+            }
+        }
+        let log = Log(std::sync::Mutex::new(Vec::new()));
+        let r = store
+            .gc_progress(
+                &GcOptions::default().grace(Duration::ZERO),
+                &AtomicBool::new(false),
+                &log,
+            )
+            .unwrap();
+        assert_eq!(r.removed_blobs, 15);
+        let log = log.0.into_inner().unwrap();
+        let mut phases: Vec<&str> = log.iter().map(|(p, ..)| *p).collect();
+        phases.dedup();
+        assert_eq!(phases, ["scan", "mark", "sweep", "compact"], "{log:?}");
+        let last_mark = log.iter().rev().find(|(p, ..)| *p == "mark").unwrap();
+        assert_eq!(last_mark.1, r.marked);
+        let last_sweep = log.iter().rev().find(|(p, ..)| *p == "sweep").unwrap();
+        assert_eq!((last_sweep.1, last_sweep.2), (15, Some(15)));
     }
 
     #[test]

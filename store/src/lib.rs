@@ -41,7 +41,7 @@ pub use blobs::Blob;
 pub use digest::{Algorithm, Digest, DigestError};
 pub use error::{Error, Result};
 pub use format::Kind;
-pub use gc::{GcOptions, GcReport};
+pub use gc::{GcOptions, GcReport, NoProgress, Progress};
 pub use ingest::{Ingest, MAX_REF_LEN};
 pub use meta::{ContainerRecord, Counters, LeaseRecord, Location, SCHEMA_VERSION};
 pub use reference::Reference;
