@@ -417,6 +417,58 @@ mod tests {
         assert!(out.kept.is_empty());
     }
 
+    /// Records every batch it is offered (and defers the second half of the first one).
+    struct Recorder {
+        g: Mem,
+        batches: Vec<Vec<u32>>,
+        deferred_once: bool,
+    }
+
+    impl Sweeper<u32> for Recorder {
+        type Error = String;
+        fn sweep(&mut self, batch: &[u32]) -> Result<Swept<u32>, String> {
+            self.batches.push(batch.to_vec());
+            let (now, later) = if self.deferred_once {
+                (batch, &[][..])
+            } else {
+                self.deferred_once = true;
+                batch.split_at(batch.len().div_ceil(2))
+            };
+            let mut s = self.g.sweep(now)?;
+            s.deferred = later.to_vec();
+            Ok(s)
+        }
+    }
+
+    #[test]
+    fn parents_are_offered_first_children_in_sorted_rounds_deferred_first() {
+        // 10 and 20 name 1..=4 (3 twice); 30 names 20. Nothing is a root.
+        let mut g = Mem::default();
+        g.nodes.extend([1, 2, 3, 4, 10, 20, 30]);
+        g.edges.entry(10).or_default().extend([4, 3]);
+        g.edges.entry(20).or_default().extend([3, 2, 1]);
+        g.edges.entry(30).or_default().insert(20);
+        let stop = AtomicBool::new(false);
+        let mut opts = Options::new(&stop);
+        opts.batch = 2;
+        let p = plan(&g, [], [1, 2, 3, 4, 10, 20, 30], &opts).unwrap();
+        assert_eq!(p.first, vec![10, 30], "only what no candidate names");
+        let mut r = Recorder {
+            g,
+            batches: Vec::new(),
+            deferred_once: false,
+        };
+        let out = execute(&p, &mut r, &opts).unwrap();
+        assert_eq!(out.deleted.len(), 7);
+        assert!(r.g.nodes.is_empty());
+        // [10, 30] with 30 deferred, then 30 again before anything else; then, sorted, the
+        // orphans of round 1 (4 from 10 — 3 still has 20 —, 20 from 30); then 20's.
+        assert_eq!(
+            r.batches,
+            vec![vec![10, 30], vec![30], vec![4, 20], vec![1, 2], vec![3]]
+        );
+    }
+
     #[test]
     fn interrupt_stops_mark_and_sweep() {
         let mut g = Mem::default();
