@@ -1057,6 +1057,19 @@ mod tests {
             // Stale, never low: the layer still counts the deleted parent.
             assert_eq!(store.counts(&layer.digest).unwrap().0, 2);
             assert!(meta::Meta::owes_counts(&store.inner.meta.read().unwrap()).unwrap());
+            // Verify, meanwhile, takes a count that is too high for what it is.
+            let v = store
+                .verify(
+                    &VerifyOptions::depth(Depth::Deep),
+                    &AtomicBool::new(false),
+                    &|_| {},
+                )
+                .unwrap();
+            assert!(
+                !v.problems.iter().any(|p| p.kind == "refcount"),
+                "{:?}",
+                v.problems
+            );
             // A writer's durable commit makes the sweep durable; then the process dies
             // (the store is dropped without settling).
             store.inner.meta.submit(Op::Seal(Vec::new())).unwrap();
