@@ -462,7 +462,7 @@ impl Store {
             dry_run: opts.dry_run,
             ..GcReport::default()
         };
-        if meta::Meta::owes_counts(&*self.inner.meta.read()?)? {
+        if !opts.dry_run && meta::Meta::owes_counts(&*self.inner.meta.read()?)? {
             // An earlier run stopped before writing all its decrements.
             self.inner.meta.submit(Op::RebuildCounts)?;
         }

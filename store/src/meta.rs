@@ -800,32 +800,33 @@ impl Meta {
             q.leader = true;
             let batch = std::mem::take(&mut q.pending);
             drop(q);
-            let results = self.commit_batch(batch);
+            // Ops that need no durable commit (the collector's sweeps) go in a transaction
+            // of their own, so they do not pay for a writer's fsync, and after the writers'
+            // one, whose results are published first, so a writer does not wait for their
+            // work either. The ops of one round are concurrent, so any order is a valid
+            // serialisation.
+            let (relaxed, durable): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .partition(|(_, op)| !op.needs_durability());
+            for part in [durable, relaxed] {
+                if part.is_empty() {
+                    continue;
+                }
+                let results = self.commit_part(part);
+                let mut q = self
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                q.done.extend(results);
+                self.wake.notify_all();
+            }
             q = self
                 .queue
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            q.done.extend(results);
             q.leader = false;
             self.wake.notify_all();
         }
-    }
-
-    fn commit_batch(&self, batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Outcome>)> {
-        // Ops that need no durable commit (the collector's sweeps) go in a transaction of
-        // their own, so they do not pay for a writer's fsync, and after the writers' one,
-        // so a writer does not wait for their work either. The ops of one round are
-        // concurrent, so any order is a valid serialisation.
-        let (relaxed, durable): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .partition(|(_, op)| !op.needs_durability());
-        let mut results = Vec::new();
-        for part in [durable, relaxed] {
-            if !part.is_empty() {
-                results.extend(self.commit_part(part));
-            }
-        }
-        results
     }
 
     fn commit_part(&self, mut batch: Vec<(u64, Op)>) -> Vec<(u64, Result<Outcome>)> {

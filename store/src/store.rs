@@ -835,7 +835,10 @@ impl Inner {
                 let _ = std::fs::remove_file(path);
                 Ok(false)
             }
-            // The commit may have reached the disk: leave the file (an orphan at worst).
+            // The commit may have reached the disk: leave the file (an orphan at worst),
+            // and in flight for the life of this process, so that no orphan pass removes
+            // a file the index may name.
+            Err(e) if !e.is_refusal() => return Err(e),
             Err(e) => Err(e),
         };
         self.files.settled(&it.digest, generation);
@@ -1090,9 +1093,13 @@ impl<'a> Batch<'a> {
                 require_children: self.require_children,
             }))
         });
-        // Indexed now, or given up (removed below, or an orphan): no longer in flight.
-        for (d, g) in &large {
-            inner.files.settled(d, *g);
+        // Indexed now, or refused (removed below): no longer in flight. After any other
+        // failure the commit may have landed: the files stay in flight for the life of
+        // this process, so no orphan pass removes a file the index may name.
+        if committed.as_ref().map_or_else(Error::is_refusal, |_| true) {
+            for (d, g) in &large {
+                inner.files.settled(d, *g);
+            }
         }
         let committed = match committed {
             Ok(c) => c,
