@@ -160,20 +160,7 @@ pub fn mark<G: Graph>(
         if opts.interrupt.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
-        let mut next: Vec<G::Node> = frontier
-            .par_chunks(256)
-            .map(|chunk| {
-                let mut out = Vec::new();
-                for n in chunk {
-                    graph.children(n, &mut out)?;
-                }
-                Ok(out)
-            })
-            .collect::<Result<Vec<Vec<G::Node>>, G::Error>>()
-            .map_err(Error::Graph)?
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut next = children_of(graph, &frontier, |_| true)?;
         next.par_sort_unstable();
         next.dedup();
         next.retain(|n| marked.insert(*n));
@@ -213,23 +200,34 @@ pub fn plan<G: Graph>(
     })
 }
 
-/// The members of `nodes` that no member of `nodes` names, in their order.
-fn sources<G: Graph>(graph: &G, nodes: &[G::Node]) -> Result<Vec<G::Node>, Error<G::Error>> {
-    let set: HashSet<G::Node> = nodes.iter().copied().collect();
-    let named: HashSet<G::Node> = nodes
+/// The children of `nodes` that `keep` accepts (with repeats), listed in parallel.
+fn children_of<G: Graph>(
+    graph: &G,
+    nodes: &[G::Node],
+    keep: impl Fn(&G::Node) -> bool + Sync,
+) -> Result<Vec<G::Node>, Error<G::Error>> {
+    Ok(nodes
         .par_chunks(256)
         .map(|chunk| {
             let mut out = Vec::new();
             for n in chunk {
                 graph.children(n, &mut out)?;
             }
-            out.retain(|c| set.contains(c));
+            out.retain(&keep);
             Ok(out)
         })
         .collect::<Result<Vec<Vec<G::Node>>, G::Error>>()
         .map_err(Error::Graph)?
         .into_iter()
         .flatten()
+        .collect())
+}
+
+/// The members of `nodes` that no member of `nodes` names, in their order.
+fn sources<G: Graph>(graph: &G, nodes: &[G::Node]) -> Result<Vec<G::Node>, Error<G::Error>> {
+    let set: HashSet<G::Node> = nodes.iter().copied().collect();
+    let named: HashSet<G::Node> = children_of(graph, nodes, |c| set.contains(c))?
+        .into_iter()
         .collect();
     Ok(nodes
         .iter()
