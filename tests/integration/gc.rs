@@ -2127,3 +2127,111 @@ fn cli_gc_dry_run_json_image_prune_and_text() {
     let store = common::open(&root);
     assert_eq!(stored(&store), b.digests());
 }
+
+/// Collections racing a writer that pushes images the way a registry client does (under a
+/// lease, released once the tag is set) — re-pushing images the collector may be deleting,
+/// so parents come back while their children's decrements are still owed — and tags and
+/// untags them: whatever the interleaving, every named image ends complete and, once a
+/// last collection has settled, every reference count equals what the edges say.
+#[test]
+fn collections_racing_a_writer_leave_exact_counts_and_complete_images() {
+    use layerstore::{Depth, VerifyOptions};
+    let dir = common::tempdir();
+    let store = common::open_with(dir.path(), small_opts());
+    let base = [common::blob(140, 2 * KIB)];
+    let seeds: Vec<u64> = (141..165).collect();
+    let push = |seed: u64| -> (Image, String) {
+        let lease = store.lease_create(None).expect("lease").id;
+        let with = |k: Kind| PutOptions::default().kind(k).lease(lease.clone());
+        let own: Vec<Vec<u8>> = [KIB, 300]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| common::blob(seed * 1_000 + i as u64, n))
+            .collect();
+        let layers: Vec<&[u8]> = base.iter().chain(&own).map(Vec::as_slice).collect();
+        let mut blobs = BTreeMap::new();
+        for l in &layers {
+            let d = store
+                .put_with(l, with(Kind::Layer))
+                .expect("put layer")
+                .digest;
+            blobs.insert(d, l.to_vec());
+        }
+        let config = config_json(seed);
+        let d = store
+            .put_with(&config, with(Kind::Config))
+            .expect("put config")
+            .digest;
+        blobs.insert(d, config.clone());
+        let json = manifest_json(media::OCI_CONFIG, &config, &layers, None);
+        let manifest = put_manifest(&store, &json, PutOptions::default().lease(lease.clone()));
+        blobs.insert(manifest, json.clone());
+        (
+            Image {
+                manifest,
+                json,
+                blobs,
+            },
+            lease,
+        )
+    };
+    for &s in &seeds {
+        let (_, lease) = push(s);
+        store.lease_remove(&lease).expect("release");
+    }
+    let stop = AtomicBool::new(false);
+    let named = std::thread::scope(|sc| {
+        let writer = sc.spawn(|| {
+            let mut rng = rand::rng();
+            let mut named: BTreeMap<String, Image> = BTreeMap::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || i < 60 {
+                i += 1;
+                let seed = seeds[rng.random_range(0..seeds.len())];
+                let name = format!("race/img{seed}:latest");
+                if rng.random_bool(0.5) {
+                    let (img, lease) = push(seed);
+                    store.tag(&name, &img.manifest).expect("tag");
+                    store.lease_remove(&lease).expect("release");
+                    named.insert(name, img);
+                } else if named.remove(&name).is_some() {
+                    store.remove_image(&name, false).expect("rmi");
+                }
+            }
+            named
+        });
+        let mut removed = 0;
+        for _ in 0..12 {
+            settle();
+            removed += run_gc(&store, &zero()).removed_blobs;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            removed > 0,
+            "the collections raced the writer without deleting"
+        );
+        writer.join().expect("writer")
+    });
+    settle();
+    run_gc(&store, &zero());
+    for img in named.values() {
+        assert_complete(&store, img);
+    }
+    let report = store
+        .verify(
+            &VerifyOptions::depth(Depth::Deep),
+            &AtomicBool::new(false),
+            &|_| {},
+        )
+        .expect("verify");
+    let graph: Vec<_> = report
+        .problems
+        .iter()
+        .filter(|p| ["refcount", "holds", "missing-child"].contains(&p.kind))
+        .collect();
+    assert!(graph.is_empty(), "{graph:?}");
+    // Exactly the named images (and nothing else) are left.
+    let want: BTreeSet<Digest> = named.values().flat_map(Image::digests).collect();
+    assert_eq!(stored(&store), want);
+    assert_consistent(&store);
+}
