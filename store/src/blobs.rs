@@ -308,6 +308,22 @@ impl Files {
             .join(format!("{}-{}.{generation}", d.algorithm(), d.hex()))
     }
 
+    /// Every file under `large/<xx>/`, in no particular order.
+    pub fn large_files(&self) -> Result<Vec<PathBuf>> {
+        let large = self.root.join("large");
+        let mut out = Vec::new();
+        for dir in std::fs::read_dir(&large).ctx("list", &large)? {
+            let dir = dir.ctx("list", &large)?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&dir).ctx("list", &dir)? {
+                out.push(f.ctx("list", &dir)?.path());
+            }
+        }
+        Ok(out)
+    }
+
     /// The digest and generation a large file's name (`<alg>-<hex>.<gen>`) promises.
     pub fn parse_large_name(name: &str) -> Option<(Digest, u64)> {
         let (stem, generation) = name.rsplit_once('.')?;

@@ -759,32 +759,20 @@ impl Store {
         // finished after the first snapshot is seen indexed, and one still committing is
         // seen in flight. (Age alone is not enough: `orphan_age` may be 0, a commit may
         // stall behind a slow disk.)
-        let large = self.root().join("large");
         let files = &self.inner.files;
-        let indexed = |txn: &redb::ReadTransaction, d: &Digest, g: u64| -> Result<bool> {
-            Ok(meta::Meta::entry(txn, d)?
-                .is_some_and(|e| e.location == Location::Large { generation: g }))
-        };
         let mut unnamed: Vec<(std::path::PathBuf, Option<(Digest, u64)>)> = Vec::new();
         let txn = self.inner.meta.read()?;
-        for dir in std::fs::read_dir(&large).ctx("list", &large)? {
-            let dir = dir.ctx("list", &large)?.path();
-            if !dir.is_dir() {
+        for p in files.large_files()? {
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
                 continue;
-            }
-            for f in std::fs::read_dir(&dir).ctx("list", &dir)? {
-                let p = f.ctx("list", &dir)?.path();
-                let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
-                    continue;
-                };
-                let parsed = crate::blobs::Files::parse_large_name(name);
-                let named = match parsed {
-                    Some((d, g)) => indexed(&txn, &d, g)?,
-                    None => false,
-                };
-                if !named && old(&p) {
-                    unnamed.push((p, parsed));
-                }
+            };
+            let parsed = crate::blobs::Files::parse_large_name(name);
+            let named = match parsed {
+                Some((d, g)) => meta::Meta::names_large(&txn, &d, g)?,
+                None => false,
+            };
+            if !named && old(&p) {
+                unnamed.push((p, parsed));
             }
         }
         drop(txn);
@@ -792,7 +780,7 @@ impl Store {
         let txn = self.inner.meta.read()?;
         for (p, parsed) in unnamed {
             if let Some((d, g)) = parsed
-                && indexed(&txn, &d, g)?
+                && meta::Meta::names_large(&txn, &d, g)?
             {
                 continue;
             }
@@ -833,6 +821,22 @@ impl Store {
 mod tests {
     use super::*;
     use crate::{Depth, Options, PutOptions, VerifyOptions};
+
+    /// What `verify --deep` finds wrong with the graph (counts, holds, missing children):
+    /// the tests' configs and layers are not real ones, so only these findings count.
+    fn graph_problems(store: &Store) -> Vec<crate::Problem> {
+        store
+            .verify(
+                &VerifyOptions::depth(Depth::Deep),
+                &AtomicBool::new(false),
+                &|_| {},
+            )
+            .unwrap()
+            .problems
+            .into_iter()
+            .filter(|p| ["refcount", "holds", "missing-child"].contains(&p.kind))
+            .collect()
+    }
 
     fn manifest(config: &crate::Descriptor, layer: &crate::Descriptor) -> Vec<u8> {
         format!(
@@ -1058,18 +1062,8 @@ mod tests {
             assert_eq!(store.counts(&layer.digest).unwrap().0, 2);
             assert!(meta::Meta::owes_counts(&store.inner.meta.read().unwrap()).unwrap());
             // Verify, meanwhile, takes a count that is too high for what it is.
-            let v = store
-                .verify(
-                    &VerifyOptions::depth(Depth::Deep),
-                    &AtomicBool::new(false),
-                    &|_| {},
-                )
-                .unwrap();
-            assert!(
-                !v.problems.iter().any(|p| p.kind == "refcount"),
-                "{:?}",
-                v.problems
-            );
+            let graph = graph_problems(&store);
+            assert!(!graph.iter().any(|p| p.kind == "refcount"), "{graph:?}");
             // A writer's durable commit makes the sweep durable; then the process dies
             // (the store is dropped without settling).
             store.inner.meta.submit(Op::Seal(Vec::new())).unwrap();
@@ -1079,19 +1073,7 @@ mod tests {
         assert!(!meta::Meta::owes_counts(&store.inner.meta.read().unwrap()).unwrap());
         assert_eq!(store.counts(&layer).unwrap().0, 1);
         assert_eq!(store.counts(&config).unwrap().0, 0);
-        let v = store
-            .verify(
-                &VerifyOptions::depth(Depth::Deep),
-                &AtomicBool::new(false),
-                &|_| {},
-            )
-            .unwrap();
-        // (The test's configs and layers are not real ones: only the graph's findings count.)
-        let graph: Vec<_> = v
-            .problems
-            .iter()
-            .filter(|p| ["refcount", "holds", "missing-child"].contains(&p.kind))
-            .collect();
+        let graph = graph_problems(&store);
         assert!(graph.is_empty(), "{graph:?}");
         let r = store
             .gc(
@@ -1132,19 +1114,7 @@ mod tests {
         assert_eq!(r.removed_blobs, 30 * 2);
         assert_eq!(store.counts(&shared.digest).unwrap().0, keep.len() as u64);
         assert!(!meta::Meta::owes_counts(&store.inner.meta.read().unwrap()).unwrap());
-        let v = store
-            .verify(
-                &VerifyOptions::depth(Depth::Deep),
-                &AtomicBool::new(false),
-                &|_| {},
-            )
-            .unwrap();
-        // (The test's configs and layers are not real ones: only the graph's findings count.)
-        let graph: Vec<_> = v
-            .problems
-            .iter()
-            .filter(|p| ["refcount", "holds", "missing-child"].contains(&p.kind))
-            .collect();
+        let graph = graph_problems(&store);
         assert!(graph.is_empty(), "{graph:?}");
     }
 }

@@ -649,6 +649,11 @@ impl Meta {
         self.readers.oldest()
     }
 
+    /// Whether the snapshot's entry for `d` names exactly the large file of `generation`.
+    pub fn names_large(txn: &ReadTransaction, d: &Digest, generation: u64) -> Result<bool> {
+        Ok(Meta::entry(txn, d)?.is_some_and(|e| e.location == Location::Large { generation }))
+    }
+
     /// Looks up one blob in a snapshot.
     pub fn entry(txn: &ReadTransaction, digest: &Digest) -> Result<Option<BlobEntry>> {
         let t = txn.open_table(BLOBS)?;

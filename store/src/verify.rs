@@ -577,30 +577,21 @@ impl Store {
     /// Large files no entry names.
     fn check_orphans(&self, txn: &redb::ReadTransaction) -> Result<Vec<Problem>> {
         let mut out = Vec::new();
-        let large = self.root().join("large");
-        for dir in std::fs::read_dir(&large).ctx("list", &large)? {
-            let dir = dir.ctx("list", &large)?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(&dir).ctx("list", &dir)? {
-                let p = f.ctx("list", &dir)?.path();
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                let parsed = crate::blobs::Files::parse_large_name(name);
-                let indexed = match parsed {
-                    Some((d, g)) => meta::Meta::entry(txn, &d)?
-                        .is_some_and(|e| e.location == Location::Large { generation: g }),
-                    None => false,
-                };
-                if !indexed {
-                    out.push(Problem {
-                        digest: parsed.map(|(d, _)| d),
-                        kind: "orphan-file",
-                        images: Vec::new(),
-                        path: Some(p.clone()),
-                        detail: "no index entry names this file (gc removes it after a day)".into(),
-                    });
-                }
+        for p in self.inner.files.large_files()? {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let parsed = crate::blobs::Files::parse_large_name(name);
+            let indexed = match parsed {
+                Some((d, g)) => meta::Meta::names_large(txn, &d, g)?,
+                None => false,
+            };
+            if !indexed {
+                out.push(Problem {
+                    digest: parsed.map(|(d, _)| d),
+                    kind: "orphan-file",
+                    images: Vec::new(),
+                    path: Some(p.clone()),
+                    detail: "no index entry names this file (gc removes it after a day)".into(),
+                });
             }
         }
         Ok(out)
