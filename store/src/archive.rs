@@ -11,21 +11,19 @@
 //! write, so a hostile archive cannot write outside the store.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::backend::{Handle, Key};
 use crate::digest::{Algorithm, Digest, DualHasher};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{Kind, RECORD_HEADER_LEN, RecordHeader};
-use crate::image::{self, media};
+use crate::image::{self, MAX_JSON, media};
 use crate::meta::Location;
 use crate::reference::Reference;
 use crate::store::{Batch, Hashed, Store};
-
-/// Largest JSON document (index, manifest, config, `manifest.json`) read into memory.
-const MAX_JSON: u64 = 64 << 20;
 /// Small blobs held in memory during one import, at most; beyond it they spill to files.
 /// Also the most bytes of spilled small blobs read back at once when committing.
 const MEM_BUDGET: u64 = 32 << 20;
@@ -71,16 +69,17 @@ struct Staged {
 
 enum StagedData {
     Mem(Vec<u8>),
-    /// A file with a record-header slot before the bytes (renamed into `large/` at commit
-    /// when large; read back when small).
-    File(PathBuf, File),
+    /// A scratch object with a record-header slot before the bytes (published as a large
+    /// blob at commit when large; read back when small). No handle is kept: an archive of
+    /// any number of blobs holds a bounded number of open files.
+    File(Key),
 }
 
-/// Staging area of one import: `ingest/import-<n>/`, removed when dropped.
+/// Staging area of one import: scratch objects, removed when dropped.
 struct Stage<'s> {
     store: &'s Store,
-    dir: PathBuf,
-    seq: u64,
+    /// Scratch objects this import created (those not published are removed on drop).
+    created: Vec<Key>,
     mem: u64,
     blobs: HashMap<Digest, Staged>,
     /// Legacy docker archive: entry path -> digest of its content.
@@ -93,21 +92,25 @@ struct Stage<'s> {
     syncer: Syncer,
 }
 
-/// A thread that fsyncs files as they are finished, so that the durability of a
-/// multi-layer import overlaps reading the next layers.
+/// A thread that syncs staged objects as they are finished, so that the durability of a
+/// multi-layer import overlaps reading the next layers. The queue is bounded, so it holds
+/// a bounded number of open files.
 struct Syncer {
-    tx: Option<std::sync::mpsc::Sender<(PathBuf, File)>>,
+    tx: Option<std::sync::mpsc::SyncSender<(Key, Arc<dyn Handle>)>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Syncer {
-    fn new() -> Syncer {
-        let (tx, rx) = std::sync::mpsc::channel::<(PathBuf, File)>();
+    fn new(store: &Store) -> Syncer {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Key, Arc<dyn Handle>)>(8);
+        let backend = store.inner.files.backend.clone();
         let thread = std::thread::spawn(move || {
             let mut first_err = Ok(());
-            for (p, f) in rx {
+            for (k, h) in rx {
                 if first_err.is_ok() {
-                    first_err = f.sync_data().ctx("fsync", &p);
+                    first_err = h
+                        .sync()
+                        .map_err(|e| Error::io("sync", backend.display(&k), e));
                 }
             }
             first_err
@@ -118,21 +121,19 @@ impl Syncer {
         }
     }
 
-    fn send(&self, p: &Path, f: &File) -> Result<()> {
-        let dup = f.try_clone().ctx("dup", p)?;
+    fn send(&self, k: &Key, h: Arc<dyn Handle>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send((p.to_owned(), dup));
+            let _ = tx.send((k.clone(), h));
         }
-        Ok(())
     }
 
-    /// Waits for every fsync sent so far; the first failure is returned.
+    /// Waits for every sync sent so far; the first failure is returned.
     fn wait(&mut self) -> Result<()> {
         self.tx = None;
         match self.thread.take() {
             Some(t) => t
                 .join()
-                .unwrap_or_else(|_| Err(Error::Corrupt("fsync thread panicked".into()))),
+                .unwrap_or_else(|_| Err(Error::Corrupt("sync thread panicked".into()))),
             None => Ok(()),
         }
     }
@@ -146,31 +147,25 @@ impl Drop for Syncer {
 
 impl Drop for Stage<'_> {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = self.syncer.wait();
+        for k in &self.created {
+            let _ = self.store.inner.files.backend.remove(k);
+        }
     }
 }
 
 impl<'s> Stage<'s> {
-    fn new(store: &'s Store) -> Result<Stage<'s>> {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = store
-            .root()
-            .join("ingest")
-            .join("tmp")
-            .join(format!("import-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).ctx("create directory", &dir)?;
-        Ok(Stage {
+    fn new(store: &'s Store) -> Stage<'s> {
+        Stage {
             store,
-            dir,
-            seq: 0,
+            created: Vec::new(),
             mem: 0,
             blobs: HashMap::new(),
             by_path: HashMap::new(),
             links: HashMap::new(),
             docs: HashMap::new(),
-            syncer: Syncer::new(),
-        })
+            syncer: Syncer::new(store),
+        }
     }
 
     /// Streams one blob from `r` (of `size` bytes, when known), hashing with `alg`.
@@ -198,34 +193,29 @@ impl<'s> Stage<'s> {
             self.mem += v.len() as u64;
             StagedData::Mem(v)
         } else {
-            self.seq += 1;
-            let path = self.dir.join(format!("blob-{}", self.seq));
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .ctx("create", &path)?;
+            let files = &self.store.inner.files;
+            let st = files.stage("import")?;
+            self.created.push(st.key.clone());
             // Pipelined: while chunk k is hashed (sha256 on one core, blake3 and the write
             // on the other), this thread reads chunk k+1.
             let mut at = RECORD_HEADER_LEN;
             let mut next = vec![0u8; CHUNK];
             let mut n = read_full(r, &mut buf)?;
             while n > 0 {
-                let (chunk, spare, file) = (&buf[..n], &mut next, &f);
+                let (chunk, spare, file) = (&buf[..n], &mut next, &*st.handle);
                 let (written, m) = h.update_overlapped(
                     chunk,
-                    || file.write_all_at(chunk, at),
+                    || crate::backend::write_all_at(file, chunk, at),
                     || read_full(r, spare),
                 );
-                written.ctx("write", &path)?;
+                written.map_err(|e| files.io("write", &st.key, e))?;
                 at += n as u64;
                 n = m?;
                 std::mem::swap(&mut buf, &mut next);
             }
             // Start making it durable now; the commit waits for all of them.
-            self.syncer.send(&path, &f)?;
-            StagedData::File(path, f)
+            self.syncer.send(&st.key, st.handle);
+            StagedData::File(st.key)
         };
         let len = h.len();
         if let Some(s) = size
@@ -236,10 +226,10 @@ impl<'s> Stage<'s> {
             )));
         }
         let (digest, blake3) = h.finish();
-        if let StagedData::File(p, _) = &data
+        if let StagedData::File(k) = &data
             && self.blobs.contains_key(&digest)
         {
-            let _ = std::fs::remove_file(p);
+            let _ = self.store.inner.files.backend.remove(k);
         } else {
             self.blobs.entry(digest).or_insert(Staged {
                 blake3,
@@ -264,12 +254,21 @@ impl<'s> Stage<'s> {
         }
         match &s.data {
             StagedData::Mem(v) => Ok(v.clone()),
-            StagedData::File(p, f) => {
-                let mut v = vec![0u8; s.size as usize];
-                f.read_exact_at(&mut v, RECORD_HEADER_LEN).ctx("read", p)?;
-                Ok(v)
-            }
+            StagedData::File(k) => self.read_staged(k, 0, s.size),
         }
+    }
+
+    /// `len` bytes of a staged object from `offset` (after its header slot).
+    fn read_staged(&self, k: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let files = &self.store.inner.files;
+        let h = files
+            .backend
+            .open(k, false)
+            .map_err(|e| files.io("open", k, e))?;
+        let mut v = vec![0u8; len as usize];
+        h.read_at(&mut v, RECORD_HEADER_LEN + offset)
+            .map_err(|e| files.io("read", k, e))?;
+        Ok(v)
     }
 
     /// Checks a descriptor against the staged blob it names.
@@ -451,7 +450,7 @@ impl Store {
     /// Imports a tar stream (OCI archive or `docker save`, as written by skopeo, umoci,
     /// Docker or `store export`).
     pub fn import_tar(&self, r: impl Read, opts: &ImportOptions) -> Result<ImportOutcome> {
-        let mut st = Stage::new(self)?;
+        let mut st = Stage::new(self);
         st.read_tar(r)?;
         self.finish_import(st, opts)
     }
@@ -459,7 +458,7 @@ impl Store {
     /// Imports an OCI image layout directory. Only blobs that the index reaches are read;
     /// each must be a regular file (a symlink is refused).
     pub fn import_dir(&self, dir: &Path, opts: &ImportOptions) -> Result<ImportOutcome> {
-        let mut st = Stage::new(self)?;
+        let mut st = Stage::new(self);
         for doc in ["oci-layout", "index.json", "manifest.json"] {
             let p = dir.join(doc);
             match std::fs::symlink_metadata(&p) {
@@ -491,14 +490,16 @@ impl Store {
             .iter()
             .map(|c| (c.digest, c.size, c.kind))
             .collect();
-        let mut seen = HashSet::new();
-        let mut layers = Vec::new();
+        // A digest reached as a manifest or index is staged and parsed as one, whatever
+        // else names it (a manifest may also be listed as another's layer).
+        let mut parsed = HashSet::new();
+        let mut layers: HashMap<Digest, u64> = HashMap::new();
         while let Some((d, size, kind)) = queue.pop() {
-            if !seen.insert(d) {
+            if matches!(kind, Kind::Layer) {
+                layers.insert(d, size);
                 continue;
             }
-            if matches!(kind, Kind::Layer) {
-                layers.push((d, size));
+            if !parsed.insert(d) {
                 continue;
             }
             stage_file(&mut st, dir, &d, size)?;
@@ -511,27 +512,30 @@ impl Store {
             }
         }
         // Layers are the bulk: read them in parallel.
+        let layers: Vec<(Digest, u64)> = layers
+            .into_iter()
+            .filter(|(d, _)| !st.blobs.contains_key(d))
+            .collect();
         let staged: Vec<Result<Stage1>> = {
             use rayon::prelude::*;
             layers
                 .par_iter()
-                .map(|(d, size)| stage_layer_file(self, &st.dir, dir, d, *size))
+                .map(|(d, size)| stage_layer_file(self, dir, d, *size))
                 .collect()
         };
+        for s in staged.iter().flatten() {
+            st.created.push(s.key.clone());
+        }
         for s in staged {
             let s = s?;
-            if let Some((p, _)) = st.blobs.get(&s.digest).and(s.path.as_ref()) {
-                let _ = std::fs::remove_file(p);
-            } else if let Some((p, f)) = s.path {
-                st.blobs.insert(
-                    s.digest,
-                    Staged {
-                        blake3: s.blake3,
-                        size: s.size,
-                        data: StagedData::File(p, f),
-                    },
-                );
-            }
+            st.blobs.insert(
+                s.digest,
+                Staged {
+                    blake3: s.blake3,
+                    size: s.size,
+                    data: StagedData::File(s.key),
+                },
+            );
         }
         self.finish_import(st, opts)
     }
@@ -569,11 +573,14 @@ impl Store {
                 }
                 found.push(f);
             }
-            // Walk and check everything the index reaches.
+            // Walk and check everything the index reaches. A digest reached as a manifest
+            // or index is parsed as one, whatever else names it (its config and layers
+            // must be there too), and keeps that kind.
             let mut queue: Vec<(Digest, Kind)> =
                 idx.children.iter().map(|c| (c.digest, c.kind)).collect();
+            let mut parsed = HashSet::new();
             while let Some((d, kind_hint)) = queue.pop() {
-                if kinds.contains_key(&d) {
+                if !parsed.insert(d) {
                     continue;
                 }
                 let bytes = st.bytes(&d)?;
@@ -690,15 +697,24 @@ impl Store {
         for f in &found {
             let mut these = Vec::new();
             for n in &f.names {
-                these.push(Reference::parse(n)?.canonical());
+                these.extend(tag_name(n, &f.digest)?);
             }
             for t in &f.bare {
                 if let Some(base) = &opts.base_name {
-                    these.push(Reference::parse(base)?.with_tag(t)?.canonical());
+                    these.extend(tag_name(
+                        &Reference::parse(base)?.with_tag(t)?.canonical(),
+                        &f.digest,
+                    )?);
                 }
             }
             for t in &opts.tags {
-                these.push(Reference::parse(t)?.canonical());
+                let r = Reference::parse(t)?;
+                if r.digest().is_some() {
+                    return Err(Error::Invalid(format!(
+                        "--tag {t}: a name is a tag, not a digest reference"
+                    )));
+                }
+                these.push(r.canonical());
             }
             these.sort();
             these.dedup();
@@ -734,54 +750,108 @@ impl Store {
             images,
             ..ImportOutcome::default()
         };
+        st.syncer.wait()?;
+        let mut ordered: Vec<Digest> = kinds.keys().copied().collect();
+        ordered.sort();
+        // Blobs the store has already are not written again. A collection running now
+        // could delete one of them before the commit and leave a named image incomplete,
+        // so they are first held by a short lease (one transaction, which also tells which
+        // are really there); what turns out gone is stored from the stage instead.
+        let mut existing: HashSet<Digest> = {
+            let snap = self.snapshot()?;
+            let mut e = HashSet::new();
+            for d in &ordered {
+                if snap.stat(d)?.is_some() {
+                    e.insert(*d);
+                }
+            }
+            e
+        };
+        let guard = if existing.is_empty() {
+            None
+        } else {
+            let lease = self.lease_create(Some(std::time::Duration::from_secs(3600)))?;
+            let held = LeaseGuard {
+                store: self,
+                id: lease.id,
+            };
+            let mut list: Vec<Digest> = existing.iter().copied().collect();
+            list.sort();
+            let o = self
+                .inner
+                .meta
+                .submit(crate::meta::Op::Put(crate::meta::PutOp {
+                    touch: list,
+                    lease: Some(held.id.clone()),
+                    ..crate::meta::PutOp::default()
+                }))?;
+            for d in o.missing {
+                existing.remove(&d);
+            }
+            Some(held)
+        };
         let mut batch = Batch::new(&self.inner);
         batch.names = names;
-        st.syncer.wait()?;
         let mut small: Vec<(Digest, u64, [u8; 32], Kind)> = Vec::new();
-        let mut large: Vec<LargeStaged<'_>> = Vec::new();
+        let mut large: Vec<(Key, Digest, [u8; 32], u64, Kind)> = Vec::new();
         let threshold = self.inner.opts.large_threshold;
-        let mut ordered: Vec<&Digest> = kinds.keys().collect();
-        ordered.sort();
-        for d in ordered {
+        let files = &self.inner.files;
+        for d in &ordered {
             let s = &st.blobs[d];
             let kind = kinds[d];
             outcome.blobs += 1;
             outcome.bytes += s.size;
-            if self.contains(d)? && !matches!(kind, Kind::Manifest | Kind::Index) {
+            if existing.contains(d) && !matches!(kind, Kind::Manifest | Kind::Index) {
                 // Refreshed in the commit, like any put of existing content. (Manifests
                 // go through the batch: one stored plainly gains its edges.)
                 batch.touch_existing(*d);
                 continue;
             }
             match &s.data {
-                StagedData::File(p, f)
+                StagedData::File(k)
                     if s.size >= threshold && !matches!(kind, Kind::Manifest | Kind::Index) =>
                 {
-                    let header = RecordHeader {
-                        digest: *d,
-                        kind,
-                        flags: 0,
-                        stored_len: s.size,
-                        raw_len: s.size,
-                        blake3: s.blake3,
-                    };
-                    f.write_all_at(&header.encode(), 0).ctx("write", p)?;
-                    large.push((p, f, *d, s.blake3, s.size, kind));
+                    large.push((k.clone(), *d, s.blake3, s.size, kind));
                 }
                 _ => small.push((*d, s.size, s.blake3, kind)),
             }
         }
-        let to_install: Vec<(&Path, &File, Digest)> =
-            large.iter().map(|(p, f, d, ..)| (*p, *f, *d)).collect();
-        let gens = self.inner.files.install_many(&to_install)?;
-        for ((_, _, d, blake3, size, kind), generation) in large.iter().zip(gens) {
-            let it = Hashed {
-                data: &[],
-                digest: *d,
-                blake3: *blake3,
-                kind: *kind,
-            };
-            batch.add_installed(&it, *size, Location::Large { generation })?;
+        // Large files are published a bounded number at a time (open files), each group's
+        // names made durable together.
+        for group in large.chunks(64) {
+            let mut handles = Vec::with_capacity(group.len());
+            for (k, d, blake3, size, kind) in group {
+                let h = files
+                    .backend
+                    .open(k, true)
+                    .map_err(|e| files.io("open", k, e))?;
+                let header = RecordHeader {
+                    digest: *d,
+                    kind: *kind,
+                    flags: 0,
+                    stored_len: *size,
+                    raw_len: *size,
+                    blake3: *blake3,
+                };
+                crate::backend::write_all_at(&*h, &header.encode(), 0)
+                    .map_err(|e| files.io("write", k, e))?;
+                handles.push(h);
+            }
+            let items: Vec<(&Key, &dyn Handle, Digest)> = group
+                .iter()
+                .zip(&handles)
+                .map(|((k, d, ..), h)| (k, &**h, *d))
+                .collect();
+            let gens = files.publish(&items)?;
+            for ((_, d, blake3, size, kind), generation) in group.iter().zip(gens) {
+                let it = Hashed {
+                    data: &[],
+                    digest: *d,
+                    blake3: *blake3,
+                    kind: *kind,
+                };
+                batch.add_installed(&it, *size, Location::Large { generation })?;
+            }
         }
         // Small blobs go to the batch's shard in groups, so that spilled ones are read back
         // a budget's worth at a time.
@@ -810,24 +880,56 @@ impl Store {
             start = end;
         }
         let committed = batch.commit()?;
+        drop(guard);
         if !committed.missing.is_empty() {
-            return Err(Error::Archive(
-                "content vanished during the import; run it again".into(),
-            ));
+            // Held by the lease: only a forced removal (`verify --repair`) gets here.
+            return Err(Error::Archive(format!(
+                "{} blob(s) the import relied on were removed while it committed (by \
+                 `verify --repair`?); run it again",
+                committed.missing.len()
+            )));
         }
         Ok(outcome)
     }
 }
 
-/// A large staged file ready to install: path, file, digest, blake3, size, kind.
-type LargeStaged<'a> = (&'a Path, &'a File, Digest, [u8; 32], u64, Kind);
+/// The name an archive's reference `n` gives `image`: a tag reference as it is; one
+/// pinned to the image's own digest by its tag part (`repo:tag@sha256:…` → `repo:tag`),
+/// or none if it has no tag (the image is reachable by digest anyway). A reference
+/// pinned to another digest is refused: the archive contradicts itself.
+fn tag_name(n: &str, image: &Digest) -> Result<Option<String>> {
+    let r = Reference::parse(n)?;
+    match r.digest() {
+        None => Ok(Some(r.canonical())),
+        Some(d) if d != image => Err(Error::Archive(format!(
+            "the archive names image {image} {n:?}, a reference to another digest"
+        ))),
+        Some(_) => match r.tag() {
+            Some(t) => Ok(Some(format!("{}:{t}", r.name()))),
+            None => Ok(None),
+        },
+    }
+}
+
+/// Removes the import's short lease when the import ends, however it ends (a crash leaves
+/// it to expire).
+struct LeaseGuard<'s> {
+    store: &'s Store,
+    id: String,
+}
+
+impl Drop for LeaseGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.store.lease_remove(&self.id);
+    }
+}
 
 /// Staging result of one layer file read on a worker.
 struct Stage1 {
     digest: Digest,
     blake3: [u8; 32],
     size: u64,
-    path: Option<(PathBuf, File)>,
+    key: Key,
 }
 
 fn layout_blob_path(dir: &Path, d: &Digest) -> PathBuf {
@@ -874,15 +976,9 @@ fn stage_file(st: &mut Stage<'_>, dir: &Path, d: &Digest, size: u64) -> Result<(
     Ok(())
 }
 
-/// Reads, hashes and stages one layer of a layout directory into a staging file (on a
-/// worker thread; the caller merges the results).
-fn stage_layer_file(
-    store: &Store,
-    stage_dir: &Path,
-    dir: &Path,
-    d: &Digest,
-    size: u64,
-) -> Result<Stage1> {
+/// Reads, hashes and stages one layer of a layout directory into a scratch object (on a
+/// worker thread; the caller merges the results). The object is closed when this returns.
+fn stage_layer_file(store: &Store, dir: &Path, d: &Digest, size: u64) -> Result<Stage1> {
     let (p, mut f, len) = open_layout_blob(dir, d)?;
     if len != size {
         return Err(Error::Archive(format!(
@@ -890,40 +986,43 @@ fn stage_layer_file(
             p.display()
         )));
     }
-    let tmp = stage_dir.join(format!("layer-{}", d.hex()));
-    let out = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .ctx("create", &tmp)?;
-    let mut h = DualHasher::new(d.algorithm());
-    let mut buf = vec![0u8; CHUNK];
-    let mut at = RECORD_HEADER_LEN;
-    loop {
-        let n = f.read(&mut buf).ctx("read", &p)?;
-        if n == 0 {
-            break;
+    let files = &store.inner.files;
+    let st = files.stage("layer")?;
+    let r = (|| {
+        let mut h = DualHasher::new(d.algorithm());
+        let mut buf = vec![0u8; CHUNK];
+        let mut at = RECORD_HEADER_LEN;
+        loop {
+            let n = f.read(&mut buf).ctx("read", &p)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            crate::backend::write_all_at(&*st.handle, &buf[..n], at)
+                .map_err(|e| files.io("write", &st.key, e))?;
+            at += n as u64;
         }
-        h.update(&buf[..n]);
-        out.write_all_at(&buf[..n], at).ctx("write", &tmp)?;
-        at += n as u64;
+        let (got, blake3) = h.finish();
+        if got != *d {
+            return Err(Error::Archive(format!(
+                "{} hashes to {got}, not to the digest its name says",
+                p.display()
+            )));
+        }
+        Ok((got, blake3))
+    })();
+    match r {
+        Ok((digest, blake3)) => Ok(Stage1 {
+            digest,
+            blake3,
+            size: len,
+            key: st.key,
+        }),
+        Err(e) => {
+            let _ = files.backend.remove(&st.key);
+            Err(e)
+        }
     }
-    let _ = store;
-    let (got, blake3) = h.finish();
-    if got != *d {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Archive(format!(
-            "{} hashes to {got}, not to the digest its name says",
-            p.display()
-        )));
-    }
-    Ok(Stage1 {
-        digest: got,
-        blake3,
-        size: len,
-        path: Some((tmp, out)),
-    })
 }
 
 impl Stage<'_> {
@@ -932,11 +1031,7 @@ impl Stage<'_> {
         let s = &self.blobs[d];
         match &s.data {
             StagedData::Mem(v) => Ok(std::borrow::Cow::Borrowed(v)),
-            StagedData::File(p, f) => {
-                let mut v = vec![0u8; s.size as usize];
-                f.read_exact_at(&mut v, RECORD_HEADER_LEN).ctx("read", p)?;
-                Ok(std::borrow::Cow::Owned(v))
-            }
+            StagedData::File(k) => Ok(std::borrow::Cow::Owned(self.read_staged(k, 0, s.size)?)),
         }
     }
 
@@ -946,11 +1041,7 @@ impl Stage<'_> {
         let n = s.size.min(8) as usize;
         match &s.data {
             StagedData::Mem(v) => Ok(v[..n].to_vec()),
-            StagedData::File(p, f) => {
-                let mut v = vec![0u8; n];
-                f.read_exact_at(&mut v, RECORD_HEADER_LEN).ctx("read", p)?;
-                Ok(v)
-            }
+            StagedData::File(k) => self.read_staged(k, 0, n as u64),
         }
     }
 }

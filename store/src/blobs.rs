@@ -1,28 +1,28 @@
-//! Blob bytes on disk: pack segments per shard, large-blob files, and reads of both.
+//! Blob bytes: pack segments per shard, large-blob files, the protocol that makes them
+//! durable, and reads of both — all through the store's [`Backend`].
 //!
-//! This module owns the files under `packs/` and `large/` and the in-process segment
-//! table that readers go through. It writes records and makes them durable (fsync of the
-//! data, then of any directory it created) but never touches the index: the caller commits
-//! the returned placements through `meta` only after these calls return. Sealed segments
-//! and large files are read through mmap (zero-copy); the one active segment per shard is
-//! read with `pread`, so a short file is an error and never a SIGBUS.
+//! This module owns the writer state of each shard, the in-process segment table that
+//! readers go through, and the one implementation of publishing a large blob (sync the
+//! staged record, rename it under a fresh generation without replacing, make the name
+//! durable). It never touches the index: it returns placements and `SegmentUpdate`s, and
+//! the caller commits them through `meta` only after these calls return. Sealed segments
+//! and large files are read through mappings (zero-copy for local files); the one active
+//! segment per shard is read with positioned reads, so a short file is an error and never
+//! a SIGBUS. It never shortens a segment.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::io::IoSlice;
 use std::ops::{Deref, Range};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
+use crate::backend::{Backend, Handle, Key, List, Listed, Mapping};
 use crate::digest::Digest;
-use crate::error::{Error, IoContext, Result};
-use crate::format::{RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN, SegmentHeader};
-use crate::map::Map;
+use crate::error::{Error, Result};
+use crate::format::{self, RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN, SegmentHeader};
 use crate::meta::SegmentUpdate;
-use crate::sys;
 
-/// A blob's bytes: a view into a memory map (sealed segments and large files) or an owned
+/// A blob's bytes: a view into a mapping (sealed segments and large files) or an owned
 /// buffer (the active segment). Either way it stays valid while other threads write,
 /// compact or collect.
 #[derive(Clone)]
@@ -30,21 +30,24 @@ pub struct Blob(Repr);
 
 #[derive(Clone)]
 enum Repr {
-    Mapped { map: Arc<Map>, range: Range<usize> },
+    Mapped {
+        map: Arc<dyn Mapping>,
+        range: Range<usize>,
+    },
     Owned(Arc<[u8]>, Range<usize>),
 }
 
 impl Blob {
-    fn mapped(map: Arc<Map>, range: Range<usize>) -> Blob {
+    fn mapped(map: Arc<dyn Mapping>, range: Range<usize>) -> Blob {
         Blob(Repr::Mapped { map, range })
     }
 
-    fn owned(v: Vec<u8>) -> Blob {
+    pub(crate) fn owned(v: Vec<u8>) -> Blob {
         let n = v.len();
         Blob(Repr::Owned(v.into(), 0..n))
     }
 
-    /// Whether the bytes are read straight from a memory map (no copy).
+    /// Whether the bytes are read straight from a mapping (no copy).
     pub fn is_mapped(&self) -> bool {
         matches!(self.0, Repr::Mapped { .. })
     }
@@ -94,31 +97,18 @@ impl std::fmt::Debug for Blob {
     }
 }
 
-/// A segment file the index names but the disk lacks is corruption, not an I/O hiccup.
-fn missing_is_corrupt(e: std::io::Error, path: &Path) -> Error {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        Error::Corrupt(format!("segment file {} is missing", path.display()))
-    } else {
-        Error::io("open segment", path, e)
-    }
-}
-
-fn open_segment(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| missing_is_corrupt(e, path))
-}
-
-/// The read side of one segment: lazily opened, mapped once sealed.
+/// The read side of one segment: opened on first use, mapped once sealed.
 struct SegView {
-    path: PathBuf,
+    key: Key,
     sealed_len: OnceLock<u64>,
-    map: OnceLock<Arc<Map>>,
-    file: OnceLock<File>,
+    map: OnceLock<Arc<dyn Mapping>>,
+    file: OnceLock<Arc<dyn Handle>>,
 }
 
 impl SegView {
-    fn new(path: PathBuf, sealed_len: Option<u64>) -> SegView {
+    fn new(key: Key, sealed_len: Option<u64>) -> SegView {
         let v = SegView {
-            path,
+            key,
             sealed_len: OnceLock::new(),
             map: OnceLock::new(),
             file: OnceLock::new(),
@@ -128,115 +118,25 @@ impl SegView {
         }
         v
     }
-
-    fn file(&self) -> Result<&File> {
-        if let Some(f) = self.file.get() {
-            return Ok(f);
-        }
-        let f = open_segment(&self.path)?;
-        Ok(self.file.get_or_init(|| f))
-    }
-
-    fn read(&self, offset: u64, len: u64) -> Result<Blob> {
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| Error::Corrupt("record range overflows".into()))?;
-        if let Some(&sealed_len) = self.sealed_len.get() {
-            let map = if let Some(m) = self.map.get() {
-                m.clone()
-            } else {
-                let f = open_segment(&self.path)?;
-                match Map::new(&f, &self.path, sealed_len, false) {
-                    Ok(m) => self.map.get_or_init(|| Arc::new(m)).clone(),
-                    // A file shorter than committed is damaged: what it still holds is
-                    // read with pread (records past its end fail on their own).
-                    Err(Error::Corrupt(_)) => return self.pread(offset, len, end),
-                    Err(e) => return Err(e),
-                }
-            };
-            if end > map.bytes().len() as u64 {
-                return Err(Error::Corrupt(format!(
-                    "{}: record {offset}..{end} past committed length {sealed_len}",
-                    self.path.display()
-                )));
-            }
-            return Ok(Blob::mapped(map, offset as usize..end as usize));
-        }
-        self.pread(offset, len, end)
-    }
-
-    fn pread(&self, offset: u64, len: u64, end: u64) -> Result<Blob> {
-        let mut v = vec![0u8; len as usize];
-        self.file()?
-            .read_exact_at(&mut v, offset)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof => Error::Corrupt(format!(
-                    "{}: short read at {offset}..{end}",
-                    self.path.display()
-                )),
-                _ => Error::io("read segment", &self.path, e),
-            })?;
-        Ok(Blob::owned(v))
-    }
 }
 
 /// The append end of a shard: its active segment.
 pub(crate) struct Active {
     pub id: u64,
-    file: File,
-    path: PathBuf,
+    handle: Arc<dyn Handle>,
+    key: Key,
     /// Committed length: what the index vouches for.
     pub len: u64,
     /// End of what this batch wrote (== `len` between batches).
     end: u64,
 }
 
-impl Active {
-    /// Opens the active segment found at open, cutting an uncommitted tail.
-    pub fn reopen(id: u64, path: PathBuf, committed_len: u64) -> Result<Active> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| missing_is_corrupt(e, &path))?;
-        let actual = file.metadata().ctx("stat", &path)?.len();
-        if actual < committed_len {
-            return Err(Error::Corrupt(format!(
-                "{} is {actual} bytes, but {committed_len} are committed",
-                path.display()
-            )));
-        }
-        let mut hdr = [0u8; SEGMENT_HEADER_LEN as usize];
-        file.read_exact_at(&mut hdr, 0).ctx("read", &path)?;
-        let h = SegmentHeader::decode(&hdr).map_err(|e| Error::bad_header(path.display(), &e))?;
-        if h.id != id {
-            return Err(Error::Corrupt(format!(
-                "{} holds segment {}, expected {id}",
-                path.display(),
-                h.id
-            )));
-        }
-        if actual > committed_len {
-            // Never mapped (only sealed segments are), so shrinking it is safe.
-            file.set_len(committed_len).ctx("truncate", &path)?;
-            file.sync_all().ctx("fsync", &path)?;
-        }
-        Ok(Active {
-            id,
-            file,
-            path,
-            len: committed_len,
-            end: committed_len,
-        })
-    }
-}
-
 /// One shard's writer state, guarded by the shard's append lock.
 pub(crate) struct ShardWriter {
     pub shard: u32,
     pub active: Option<Active>,
-    /// The current batch created a segment file: the shard directory needs an fsync.
-    pub dir_dirty: bool,
+    /// The current batch created a segment: its name must be made durable too.
+    pub created: Vec<Key>,
 }
 
 /// Where a record landed: the segment and the payload's offset.
@@ -250,185 +150,298 @@ pub(crate) struct Placed {
 /// with them.
 pub(crate) struct Appended {
     pub placed: Vec<Placed>,
-    /// Segments sealed (and fsynced) during the append.
+    /// Segments sealed (and synced) during the append.
     pub updates: Vec<SegmentUpdate>,
 }
 
-/// `ROOT/packs/<shard>`: the directory of a shard's segments.
-pub(crate) fn shard_dir(root: &Path, shard: u32) -> PathBuf {
+/// `ROOT/packs/<shard>`: the directory of a shard's segments (local layout).
+pub(crate) fn shard_dir(root: &std::path::Path, shard: u32) -> std::path::PathBuf {
     root.join("packs").join(format!("{shard:03}"))
+}
+
+/// A scratch object being filled (a large put, an import's staging): removed when
+/// dropped unless it was published.
+pub(crate) struct Staged {
+    pub key: Key,
+    pub handle: Arc<dyn Handle>,
 }
 
 /// The blob files of a store and the read-side segment table.
 pub(crate) struct Files {
-    root: PathBuf,
+    pub backend: Arc<dyn Backend>,
     segment_size: u64,
     views: RwLock<HashMap<u64, Arc<SegView>>>,
     next_segment: AtomicU64,
     next_gen: AtomicU64,
     tmp_seq: AtomicU64,
-    /// Large files renamed into `large/` whose index entry is not committed (or given up)
+    /// Large files renamed into place whose index entry is not committed (or given up)
     /// yet: the collector's orphan pass leaves them alone, whatever their age.
     in_flight: Mutex<HashSet<(Digest, u64)>>,
-    /// Segments compacted away (file unlinked, still mapped), with the reader epoch that
-    /// began after their records moved: dropped from `views` by [`Files::reap`].
+    /// Segments compacted away (removed, still mapped), with the reader epoch that began
+    /// after their records moved: dropped from `views` by [`Files::reap`].
     retired: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Files {
-    pub fn new(root: &Path, segment_size: u64, next_segment: u64) -> Files {
+    pub fn new(backend: Arc<dyn Backend>, segment_size: u64, next_segment: u64) -> Files {
         Files {
-            root: root.to_owned(),
+            backend,
             segment_size,
             views: RwLock::new(HashMap::new()),
             next_segment: AtomicU64::new(next_segment),
             // Generations only need to differ from any a deleted copy used; wall-clock
-            // microseconds at open keep them increasing across restarts, and
-            // RENAME_NOREPLACE catches the rest.
-            next_gen: AtomicU64::new(sys::now_ms().saturating_mul(1000)),
+            // microseconds at open keep them increasing across restarts, and renames
+            // that never replace catch the rest.
+            next_gen: AtomicU64::new(crate::sys::now_ms().saturating_mul(1000)),
             tmp_seq: AtomicU64::new(0),
             in_flight: Mutex::new(HashSet::new()),
             retired: Mutex::new(Vec::new()),
         }
     }
 
-    /// `ROOT/packs/<shard>`.
-    pub fn shard_dir(&self, shard: u32) -> PathBuf {
-        shard_dir(&self.root, shard)
+    /// An I/O error on `key`, with the object named as the backend shows it.
+    pub fn io(&self, op: &'static str, key: &Key, e: std::io::Error) -> Error {
+        Error::io(op, self.backend.display(key), e)
     }
 
-    /// Path of a segment file.
-    pub fn segment_path(&self, shard: u32, id: u64) -> PathBuf {
-        self.shard_dir(shard).join(format!("pack-{id:016x}.pack"))
-    }
-
-    /// Path of a large-blob file of a given generation.
-    pub fn large_path(&self, d: &Digest, generation: u64) -> PathBuf {
-        self.large_dir(d)
-            .join(format!("{}-{}.{generation}", d.algorithm(), d.hex()))
-    }
-
-    /// Every file under `large/<xx>/`, in no particular order.
-    pub fn large_files(&self) -> Result<Vec<PathBuf>> {
-        let large = self.root.join("large");
-        let mut out = Vec::new();
-        for dir in std::fs::read_dir(&large).ctx("list", &large)? {
-            let dir = dir.ctx("list", &large)?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(&dir).ctx("list", &dir)? {
-                out.push(f.ctx("list", &dir)?.path());
-            }
+    /// A read of an object the index names: absent or short is corruption (the bytes the
+    /// index vouches for are not there); anything else is an I/O error.
+    pub fn indexed_read_err(&self, what: &str, key: &Key, e: std::io::Error) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Corrupt(format!(
+                "{what} {} is missing",
+                self.backend.display(key).display()
+            )),
+            std::io::ErrorKind::UnexpectedEof => Error::Corrupt(format!(
+                "{what} {} is shorter than the index says ({e})",
+                self.backend.display(key).display()
+            )),
+            _ => self.io("read", key, e),
         }
-        Ok(out)
     }
 
-    /// The digest and generation a large file's name (`<alg>-<hex>.<gen>`) promises.
-    pub fn parse_large_name(name: &str) -> Option<(Digest, u64)> {
-        let (stem, generation) = name.rsplit_once('.')?;
-        let (alg, hex) = stem.split_once('-')?;
-        Some((
-            Digest::parse(&format!("{alg}:{hex}")).ok()?,
-            generation.parse().ok()?,
-        ))
+    fn views(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<SegView>>> {
+        self.views
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn large_dir(&self, d: &Digest) -> PathBuf {
-        self.root.join("large").join(format!("{:02x}", d.hash()[0]))
-    }
-
-    /// A fresh temporary path under `ingest/tmp` (cleared at every open).
-    pub fn tmp_path(&self) -> PathBuf {
-        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        self.root
-            .join("ingest")
-            .join("tmp")
-            .join(format!("put-{}-{n}", std::process::id()))
+    fn view(&self, id: u64) -> Result<Arc<SegView>> {
+        self.views()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::Corrupt(format!("index names unknown segment {id}")))
     }
 
     /// Registers the read view of a segment known to the index.
     pub fn add_view(&self, id: u64, shard: u32, sealed_len: Option<u64>) {
-        let v = Arc::new(SegView::new(self.segment_path(shard, id), sealed_len));
+        let v = Arc::new(SegView::new(Key::Segment { shard, id }, sealed_len));
         self.views
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id, v);
     }
 
+    /// Whether segment `id` has a view in this process (it is known to this process: in
+    /// the index, or being written).
+    pub fn has_view(&self, id: u64) -> bool {
+        self.views().contains_key(&id)
+    }
+
     /// Records that a segment was sealed at `len`: readers map it from now on.
     pub fn mark_sealed(&self, id: u64, len: u64) {
-        if let Some(v) = self
-            .views
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&id)
-        {
+        if let Some(v) = self.views().get(&id) {
             let _ = v.sealed_len.set(len);
         }
     }
 
-    /// The record headers of a segment up to `len`, with the offset of each header. Reads
-    /// with `pread`, so a short or damaged file is an error, never a SIGBUS.
-    pub fn scan_records(&self, shard: u32, id: u64, len: u64) -> Result<Vec<(u64, RecordHeader)>> {
-        let path = self.segment_path(shard, id);
-        let f = open_segment(&path)?;
-        let mut out = Vec::new();
-        let mut at = SEGMENT_HEADER_LEN;
-        let mut hdr = [0u8; RECORD_HEADER_LEN as usize];
-        while at < len {
-            f.read_exact_at(&mut hdr, at).ctx("read", &path)?;
-            let h = RecordHeader::decode(&hdr)
-                .map_err(|e| Error::bad_header(format!("{} at {at}", path.display()), &e))?;
-            let end = at + RECORD_HEADER_LEN + h.stored_len;
-            if end > len {
+    /// Reads `len` bytes at `offset` of segment `id`: a zero-copy slice of its mapping when
+    /// sealed, a positioned read otherwise.
+    pub fn read_packed(&self, id: u64, offset: u64, len: u64) -> Result<Blob> {
+        let v = self.view(id)?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::Corrupt("record range overflows".into()))?;
+        if let Some(&sealed_len) = v.sealed_len.get() {
+            if end > sealed_len {
                 return Err(Error::Corrupt(format!(
-                    "{}: record at {at} runs past the committed length {len}",
-                    path.display()
+                    "{}: record {offset}..{end} past committed length {sealed_len}",
+                    self.backend.display(&v.key).display()
                 )));
             }
-            out.push((at, h));
-            at = end;
+            let map = if let Some(m) = v.map.get() {
+                Some(m.clone())
+            } else {
+                match self.backend.map(&v.key, sealed_len, false) {
+                    Ok(m) => Some(v.map.get_or_init(|| m).clone()),
+                    // Shorter than committed: damaged. What it still holds is read with
+                    // positioned reads (records past its end fail on their own).
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+                    Err(e) => return Err(self.indexed_read_err("segment file", &v.key, e)),
+                }
+            };
+            if let Some(map) = map {
+                return Ok(Blob::mapped(map, offset as usize..end as usize));
+            }
         }
-        Ok(out)
+        self.pread(&v, offset, len)
+    }
+
+    fn pread(&self, v: &SegView, offset: u64, len: u64) -> Result<Blob> {
+        let f = if let Some(f) = v.file.get() {
+            f.clone()
+        } else {
+            let f = self
+                .backend
+                .open(&v.key, false)
+                .map_err(|e| self.indexed_read_err("segment file", &v.key, e))?;
+            v.file.get_or_init(|| f).clone()
+        };
+        // The index (not the file) gave `len`: check it against the file before
+        // allocating, so a damaged entry cannot ask for terabytes.
+        let actual = f.len().map_err(|e| self.io("stat", &v.key, e))?;
+        if offset.saturating_add(len) > actual {
+            return Err(Error::Corrupt(format!(
+                "{}: record {offset}..{} past the end of the file ({actual} bytes)",
+                self.backend.display(&v.key).display(),
+                offset.saturating_add(len)
+            )));
+        }
+        let mut buf = vec![0u8; len as usize];
+        f.read_at(&mut buf, offset)
+            .map_err(|e| self.indexed_read_err("segment file", &v.key, e))?;
+        Ok(Blob::owned(buf))
+    }
+
+    /// Maps the payload of a large blob (`populate`: read it all in at once).
+    pub fn read_large(
+        &self,
+        d: &Digest,
+        generation: u64,
+        len: u64,
+        populate: bool,
+    ) -> Result<Blob> {
+        let key = Key::Large {
+            digest: *d,
+            generation,
+        };
+        let total = RECORD_HEADER_LEN
+            .checked_add(len)
+            .ok_or_else(|| Error::Corrupt(format!("{d}: length {len} overflows")))?;
+        let map = self
+            .backend
+            .map(&key, total, populate)
+            .map_err(|e| self.indexed_read_err("large blob file", &key, e))?;
+        Ok(Blob::mapped(
+            map,
+            RECORD_HEADER_LEN as usize..total as usize,
+        ))
+    }
+
+    /// The record header of a stored blob, read the way its payload is (through the segment
+    /// view for a packed blob, so a compacted segment an older snapshot names still reads).
+    pub fn record_header(
+        &self,
+        d: &Digest,
+        location: crate::meta::Location,
+    ) -> Result<RecordHeader> {
+        let (bytes, what) = match location {
+            crate::meta::Location::Packed { segment, offset } => {
+                let at = offset.checked_sub(RECORD_HEADER_LEN).ok_or_else(|| {
+                    Error::Corrupt(format!("payload offset {offset} inside the segment header"))
+                })?;
+                (
+                    self.read_packed(segment, at, RECORD_HEADER_LEN)?,
+                    format!("segment {segment} at {at}"),
+                )
+            }
+            crate::meta::Location::Large { generation } => {
+                let key = Key::Large {
+                    digest: *d,
+                    generation,
+                };
+                let h = self
+                    .backend
+                    .open(&key, false)
+                    .map_err(|e| self.indexed_read_err("large blob file", &key, e))?;
+                let mut b = vec![0u8; RECORD_HEADER_LEN as usize];
+                h.read_at(&mut b, 0)
+                    .map_err(|e| self.indexed_read_err("large blob file", &key, e))?;
+                (
+                    Blob::owned(b),
+                    self.backend.display(&key).display().to_string(),
+                )
+            }
+        };
+        RecordHeader::decode(&bytes).map_err(|e| Error::bad_header(what, &e))
+    }
+
+    /// The records of segment `id` from its first record to `len`, resynchronising after
+    /// damage (`format::scan`), read with positioned reads (never a mapping, so a short
+    /// file is damage, not a SIGBUS). `check` may reject a record (repair: its blake3).
+    pub fn scan_segment(
+        &self,
+        shard: u32,
+        id: u64,
+        len: u64,
+        check: SegmentCheck<'_>,
+    ) -> Result<format::Scan> {
+        let key = Key::Segment { shard, id };
+        let f = self
+            .backend
+            .open(&key, false)
+            .map_err(|e| self.indexed_read_err("segment file", &key, e))?;
+        let actual = f.len().map_err(|e| self.io("stat", &key, e))?;
+        let mut read = |off: u64, buf: &mut [u8]| -> std::io::Result<usize> {
+            if off >= actual {
+                return Ok(0);
+            }
+            let n = buf.len().min((actual - off) as usize);
+            f.read_at(&mut buf[..n], off)?;
+            Ok(n)
+        };
+        let mut scan = format::scan(
+            SEGMENT_HEADER_LEN,
+            len.min(actual),
+            &mut read,
+            &mut |at, h| check(&*f, at, h),
+        )
+        .map_err(|e| self.io("read", &key, e))?;
+        if actual < len {
+            scan.damaged.push(format::Damage {
+                start: actual,
+                end: len,
+                reason: format!("the file ends at {actual}, before the committed length {len}"),
+            });
+        }
+        Ok(scan)
     }
 
     /// Retires a compacted segment: keeps its read view alive for readers that still hold
-    /// an older snapshot (the mapping outlives the file), then unlinks the file.
+    /// an older snapshot (the mapping outlives the object), then removes it durably.
     pub fn retire_segment(&self, shard: u32, id: u64, len: u64, epoch: u64) -> Result<()> {
-        let view = self
-            .views
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&id)
-            .cloned();
-        if let Some(v) = view {
+        if let Some(v) = self.views().get(&id).cloned() {
             let _ = v.sealed_len.set(len);
-            // Map it now, while the file still has a name.
-            v.read(SEGMENT_HEADER_LEN.min(len), 0)?;
+            // Map it now, while it still has a name.
+            self.read_packed(id, SEGMENT_HEADER_LEN.min(len), 0)?;
         }
         self.retired
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push((epoch, id));
-        let path = self.segment_path(shard, id);
-        std::fs::remove_file(&path).ctx("remove", &path)?;
-        sys::sync_dir(&self.shard_dir(shard))
-    }
-
-    /// Whether segment `id` has a view (mapped or mappable) in this process.
-    #[cfg(test)]
-    pub fn has_view(&self, id: u64) -> bool {
-        self.views
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(&id)
+        let key = Key::Segment { shard, id };
+        self.backend
+            .remove(&key)
+            .map_err(|e| self.io("remove", &key, e))?;
+        self.backend
+            .sync_names(std::slice::from_ref(&key))
+            .map_err(|e| self.io("sync", &key, e))
     }
 
     /// Drops the mappings of retired segments that no live snapshot can still name: those
     /// retired at an epoch no newer than the oldest live snapshot's (`oldest`; `None`: no
-    /// snapshot is live). The unlinked file's space returns once the last `Blob` read from
-    /// it is dropped too. Returns how many were dropped.
+    /// snapshot is live). The space returns once the last `Blob` read from them is dropped
+    /// too. Returns how many were dropped.
     pub fn reap(&self, oldest: Option<u64>) -> usize {
         let mut retired = self
             .retired
@@ -448,84 +461,58 @@ impl Files {
         gone.len()
     }
 
-    /// Reads the record header of a stored blob with `pread` (never through a mapping, so a
-    /// short file is an error). `segment_shard` names the shard of a packed blob's segment.
-    pub fn record_header(
-        &self,
-        d: &Digest,
-        location: crate::meta::Location,
-        segment_shard: Option<u32>,
-    ) -> Result<RecordHeader> {
-        let (path, at) = match location {
-            crate::meta::Location::Packed { segment, offset } => {
-                let shard = segment_shard.ok_or_else(|| {
-                    Error::Corrupt(format!("index names unknown segment {segment}"))
-                })?;
-                let at = offset.checked_sub(RECORD_HEADER_LEN).ok_or_else(|| {
-                    Error::Corrupt(format!("payload offset {offset} inside the segment header"))
-                })?;
-                (self.segment_path(shard, segment), at)
-            }
-            crate::meta::Location::Large { generation } => (self.large_path(d, generation), 0),
-        };
-        let f = File::open(&path).map_err(|e| missing_is_corrupt(e, &path))?;
-        let mut hdr = [0u8; RECORD_HEADER_LEN as usize];
-        f.read_exact_at(&mut hdr, at).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => {
-                Error::Corrupt(format!("{}: short read at {at}", path.display()))
-            }
-            _ => Error::io("read", &path, e),
-        })?;
-        RecordHeader::decode(&hdr)
-            .map_err(|e| Error::bad_header(format!("{} at {at}", path.display()), &e))
+    /// Opens the active segment found at open. Its bytes past the committed length (an
+    /// uncommitted batch's) are left in place: the next append overwrites them.
+    pub fn reopen_active(&self, shard: u32, id: u64, committed_len: u64) -> Result<Active> {
+        let key = Key::Segment { shard, id };
+        let handle = self
+            .backend
+            .open(&key, true)
+            .map_err(|e| self.indexed_read_err("segment file", &key, e))?;
+        let actual = handle.len().map_err(|e| self.io("stat", &key, e))?;
+        if actual < committed_len {
+            return Err(Error::Corrupt(format!(
+                "{} is {actual} bytes, but {committed_len} are committed",
+                self.backend.display(&key).display()
+            )));
+        }
+        let mut hdr = [0u8; SEGMENT_HEADER_LEN as usize];
+        handle
+            .read_at(&mut hdr, 0)
+            .map_err(|e| self.indexed_read_err("segment file", &key, e))?;
+        let h = SegmentHeader::decode(&hdr)
+            .map_err(|e| Error::bad_header(self.backend.display(&key).display(), &e))?;
+        if h.id != id {
+            return Err(Error::Corrupt(format!(
+                "{} holds segment {}, expected {id}",
+                self.backend.display(&key).display(),
+                h.id
+            )));
+        }
+        Ok(Active {
+            id,
+            handle,
+            key,
+            len: committed_len,
+            end: committed_len,
+        })
     }
 
-    /// Reads `len` payload bytes at `offset` of segment `id`.
-    pub fn read_packed(&self, id: u64, offset: u64, len: u64) -> Result<Blob> {
-        let v = self
-            .views
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::Corrupt(format!("index names unknown segment {id}")))?;
-        v.read(offset, len)
-    }
-
-    /// Maps the payload of a large blob.
-    pub fn read_large(&self, d: &Digest, generation: u64, len: u64) -> Result<Blob> {
-        let path = self.large_path(d, generation);
-        let f = File::open(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::Corrupt(format!("large blob file {} is missing", path.display()))
-            }
-            _ => Error::io("open", &path, e),
-        })?;
-        let total = RECORD_HEADER_LEN + len;
-        let map = Arc::new(Map::new(&f, &path, total, true)?);
-        Ok(Blob::mapped(
-            map,
-            RECORD_HEADER_LEN as usize..total as usize,
-        ))
-    }
-
-    /// Creates a new segment file for `shard` (durable only after the batch's fsyncs).
+    /// Creates a new segment for `shard` (durable only after the batch's syncs).
     fn create_segment(&self, shard: u32) -> Result<Active> {
         let id = self.next_segment.fetch_add(1, Ordering::Relaxed);
-        let path = self.segment_path(shard, id);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .ctx("create segment", &path)?;
-        file.write_all_at(&SegmentHeader { shard, id }.encode(), 0)
-            .ctx("write", &path)?;
+        let key = Key::Segment { shard, id };
+        let handle = self
+            .backend
+            .create(&key)
+            .map_err(|e| self.io("create segment", &key, e))?;
+        crate::backend::write_all_at(&*handle, &SegmentHeader { shard, id }.encode(), 0)
+            .map_err(|e| self.io("write", &key, e))?;
         self.add_view(id, shard, None);
         Ok(Active {
             id,
-            file,
-            path,
+            handle,
+            key,
             len: SEGMENT_HEADER_LEN,
             end: SEGMENT_HEADER_LEN,
         })
@@ -533,8 +520,8 @@ impl Files {
 
     /// Appends records to the shard's active segment after what the current batch already
     /// wrote, sealing it and starting another when it fills (a segment sealed here is
-    /// fsynced here). Returns placements and the updates of sealed segments; the active
-    /// segment's update and fsync come from [`Files::finish_batch`]. On error the active
+    /// synced here). Returns placements and the updates of sealed segments; the active
+    /// segment's update and sync come from [`Files::finish_batch`]. On error the active
     /// segment is dropped from the writer (poisoned: it takes no more appends).
     pub fn append(&self, w: &mut ShardWriter, recs: &[(RecordHeader, &[u8])]) -> Result<Appended> {
         let r = self.append_inner(w, recs);
@@ -552,19 +539,23 @@ impl Files {
         let mut active = if let Some(a) = w.active.take() {
             a
         } else {
-            w.dir_dirty = true;
-            self.create_segment(w.shard)?
+            let a = self.create_segment(w.shard)?;
+            w.created.push(a.key.clone());
+            a
         };
         let mut placed = Vec::with_capacity(recs.len());
         let mut updates = Vec::new();
-        // Records are written in runs straight from the callers' buffers (pwritev).
+        // Records are written in runs straight from the callers' buffers (vectored).
         let mut run_start = 0;
         let mut run_pos = active.end;
         for (i, (_, data)) in recs.iter().enumerate() {
             let rec_len = RECORD_HEADER_LEN + data.len() as u64;
             if active.end > SEGMENT_HEADER_LEN && active.end + rec_len > self.segment_size {
-                write_records(&active, run_pos, &recs[run_start..i])?;
-                active.file.sync_data().ctx("fsync", &active.path)?;
+                self.write_records(&active, run_pos, &recs[run_start..i])?;
+                active
+                    .handle
+                    .sync()
+                    .map_err(|e| self.io("sync", &active.key, e))?;
                 updates.push(SegmentUpdate {
                     id: active.id,
                     shard: w.shard,
@@ -572,7 +563,7 @@ impl Files {
                     sealed: true,
                 });
                 active = self.create_segment(w.shard)?;
-                w.dir_dirty = true;
+                w.created.push(active.key.clone());
                 run_start = i;
                 run_pos = active.end;
             }
@@ -582,20 +573,55 @@ impl Files {
             });
             active.end += rec_len;
         }
-        let r = write_records(&active, run_pos, &recs[run_start..]);
+        let r = self.write_records(&active, run_pos, &recs[run_start..]);
         w.active = Some(active);
         r.map(|()| Appended { placed, updates })
     }
 
-    /// The active segment's update and the fsync that must finish before the commit of
-    /// the current batch (`None` when the batch wrote nothing to an active segment).
-    pub fn finish_batch(&self, w: &mut ShardWriter) -> Result<Option<(SegmentUpdate, SyncJob)>> {
-        let dir = std::mem::take(&mut w.dir_dirty).then(|| self.shard_dir(w.shard));
-        let Some(a) = &w.active else {
-            return Ok(None);
-        };
-        if a.end == a.len && dir.is_none() {
-            return Ok(None);
+    /// Writes records (header, payload) back to back at `at` with vectored writes, without
+    /// copying the payloads.
+    fn write_records(
+        &self,
+        active: &Active,
+        at: u64,
+        recs: &[(RecordHeader, &[u8])],
+    ) -> Result<()> {
+        let mut off = at;
+        // IOV_MAX is 1024 on Linux: a header and a payload per record.
+        for group in recs.chunks(512) {
+            let headers: Vec<[u8; RECORD_HEADER_LEN as usize]> =
+                group.iter().map(|(h, _)| h.encode()).collect();
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * group.len());
+            for (h, (_, data)) in headers.iter().zip(group) {
+                slices.push(IoSlice::new(h));
+                if !data.is_empty() {
+                    slices.push(IoSlice::new(data));
+                }
+            }
+            let mut rest: &mut [IoSlice<'_>] = &mut slices;
+            while !rest.is_empty() {
+                let n = active
+                    .handle
+                    .write_at(rest, off)
+                    .map_err(|e| self.io("write", &active.key, e))?;
+                if n == 0 {
+                    let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
+                    return Err(self.io("write", &active.key, e));
+                }
+                off += n as u64;
+                IoSlice::advance_slices(&mut rest, n);
+            }
+        }
+        Ok(())
+    }
+
+    /// The active segment's update and the sync that must finish before the commit of the
+    /// current batch (`None` when the batch wrote nothing to an active segment).
+    pub fn finish_batch(&self, w: &mut ShardWriter) -> Option<(SegmentUpdate, SyncJob)> {
+        let names = std::mem::take(&mut w.created);
+        let a = w.active.as_ref()?;
+        if a.end == a.len && names.is_empty() {
+            return None;
         }
         let update = SegmentUpdate {
             id: a.id,
@@ -604,11 +630,12 @@ impl Files {
             sealed: a.end >= self.segment_size,
         };
         let job = SyncJob {
-            file: a.file.try_clone().ctx("dup", &a.path)?,
-            path: a.path.clone(),
-            dir,
+            backend: self.backend.clone(),
+            handle: a.handle.clone(),
+            key: a.key.clone(),
+            names,
         };
-        Ok(Some((update, job)))
+        Some((update, job))
     }
 
     /// After a batch the index refused: what it wrote past the committed length is
@@ -637,80 +664,105 @@ impl Files {
         }
     }
 
-    /// Writes a record (header + payload) as a new file in `ingest/tmp`, fsyncs it, and
-    /// renames it into `large/`. Returns the generation.
+    /// A fresh scratch object, named after `what` (`put`, `import-3-blob`, ...).
+    pub fn stage(&self, what: &str) -> Result<Staged> {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let key = Key::Scratch(format!("{what}-{}-{n}", std::process::id()));
+        let handle = self
+            .backend
+            .create(&key)
+            .map_err(|e| self.io("create", &key, e))?;
+        Ok(Staged { key, handle })
+    }
+
+    /// Writes a record (header + payload) as a scratch object and publishes it as a large
+    /// blob. Returns the generation.
     pub fn write_large(&self, header: &RecordHeader, data: &[u8]) -> Result<u64> {
-        let tmp = self.tmp_path();
+        let st = self.stage("put")?;
         let r = (|| {
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .ctx("create", &tmp)?;
-            f.write_all_at(&header.encode(), 0).ctx("write", &tmp)?;
-            f.write_all_at(data, RECORD_HEADER_LEN).ctx("write", &tmp)?;
-            self.install_large(&tmp, &f, &header.digest)
+            crate::backend::write_all_at(&*st.handle, &header.encode(), 0)
+                .map_err(|e| self.io("write", &st.key, e))?;
+            crate::backend::write_all_at(&*st.handle, data, RECORD_HEADER_LEN)
+                .map_err(|e| self.io("write", &st.key, e))?;
+            self.publish(&[(&st.key, &*st.handle, header.digest)])
         })();
-        if r.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        match r {
+            Ok(g) => Ok(g[0]),
+            Err(e) => {
+                let _ = self.backend.remove(&st.key);
+                Err(e)
+            }
         }
-        r
     }
 
-    /// fsyncs `file` (at `tmp`, already holding header and payload) and renames it into
-    /// `large/` under a fresh generation, then fsyncs the directory.
-    pub fn install_large(&self, tmp: &Path, file: &File, d: &Digest) -> Result<u64> {
-        Ok(self.install_many(&[(tmp, file, *d)])?[0])
-    }
-
-    /// [`Files::install_large`] for many files: each is fsynced and renamed, then each
-    /// directory that received one is fsynced once. On error, files already renamed are
-    /// removed again (nothing indexes them yet).
+    /// Publishes staged records (each `(object, its handle, digest)`: a scratch object or
+    /// an upload's data, already holding header and payload) as large blobs: each is
+    /// synced and renamed under a fresh generation without replacing anything, then the
+    /// new names are made durable together. Returns the generations. On error, what was
+    /// already renamed is removed again (nothing indexes it yet).
     ///
-    /// Each installed file is *in flight* (see [`Files::in_flight`]) until its installer
+    /// Each published file is *in flight* (see [`Files::in_flight`]) until its publisher
     /// calls [`Files::settled`], after the commit that indexes it (or gives up).
-    pub fn install_many(&self, items: &[(&Path, &File, Digest)]) -> Result<Vec<u64>> {
-        let mut done: Vec<(Digest, u64)> = Vec::with_capacity(items.len());
+    pub fn publish(&self, items: &[(&Key, &dyn Handle, Digest)]) -> Result<Vec<u64>> {
+        let mut done: Vec<Key> = Vec::with_capacity(items.len());
         let r = (|| {
             let mut gens = Vec::with_capacity(items.len());
-            let mut dirs = std::collections::BTreeSet::new();
-            for (tmp, file, d) in items {
-                file.sync_all().ctx("fsync", tmp)?;
-                let dir = self.large_dir(d);
-                sys::create_dir_durable(&dir)?;
+            for (src, handle, d) in items {
+                handle.sync().map_err(|e| self.io("sync", src, e))?;
                 loop {
                     let generation = self.next_gen.fetch_add(1, Ordering::Relaxed);
-                    let dst = self.large_path(d, generation);
+                    let dst = Key::Large {
+                        digest: *d,
+                        generation,
+                    };
                     // In flight before it has its name, so no orphan pass sees it without.
                     self.lock_in_flight().insert((*d, generation));
-                    match sys::rename_noreplace(tmp, &dst) {
-                        Ok(()) => {
-                            done.push((*d, generation));
+                    match self.backend.rename(src, &dst, false) {
+                        Ok(true) => {
+                            done.push(dst);
                             gens.push(generation);
                             break;
                         }
+                        Ok(false) => self.settled(d, generation),
                         Err(e) => {
                             self.settled(d, generation);
-                            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                                return Err(Error::io("rename", &dst, e));
-                            }
+                            return Err(self.io("rename", &dst, e));
                         }
                     }
                 }
-                dirs.insert(dir);
             }
-            for dir in &dirs {
-                sys::sync_dir(dir)?;
+            // A rename is atomic: making the new names durable makes it whole.
+            if let Some(first) = done.first() {
+                self.backend
+                    .sync_names(&done)
+                    .map_err(|e| self.io("sync", first, e))?;
             }
             Ok(gens)
         })();
         if r.is_err() {
-            for (d, generation) in done {
-                let _ = std::fs::remove_file(self.large_path(&d, generation));
-                self.settled(&d, generation);
+            for k in done {
+                let _ = self.backend.remove(&k);
+                if let Key::Large { digest, generation } = k {
+                    self.settled(&digest, generation);
+                }
             }
         }
         r
+    }
+
+    /// Removes a large file that no commit names (a lost race, a refused batch).
+    pub fn remove_large(&self, d: &Digest, generation: u64) {
+        let _ = self.backend.remove(&Key::Large {
+            digest: *d,
+            generation,
+        });
+    }
+
+    /// Every large file (parsed names in `key`).
+    pub fn large_files(&self) -> Result<Vec<Listed>> {
+        self.backend
+            .list(&List::Large)
+            .map_err(|e| Error::io("list", self.backend.describe() + "/large", e))
     }
 
     fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<(Digest, u64)>> {
@@ -719,63 +771,42 @@ impl Files {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether the large file `(d, generation)` was installed and its commit has not
+    /// Whether the large file `(d, generation)` was published and its commit has not
     /// finished: an unindexed file that is in flight is not an orphan.
     pub fn in_flight(&self, d: &Digest, generation: u64) -> bool {
         self.lock_in_flight().contains(&(*d, generation))
     }
 
-    /// Ends the flight of an installed large file: its commit finished (it is indexed) or
+    /// Ends the flight of a published large file: its commit finished (it is indexed) or
     /// was given up (it was removed, or is an orphan now).
     pub fn settled(&self, d: &Digest, generation: u64) {
         self.lock_in_flight().remove(&(*d, generation));
     }
 }
 
-/// Writes records (header, payload) back to back at `at` with vectored writes, without
-/// copying the payloads.
-fn write_records(active: &Active, at: u64, recs: &[(RecordHeader, &[u8])]) -> Result<()> {
-    let mut off = at;
-    // IOV_MAX is 1024 on Linux: a header and a payload per record.
-    for group in recs.chunks(512) {
-        let headers: Vec<[u8; RECORD_HEADER_LEN as usize]> =
-            group.iter().map(|(h, _)| h.encode()).collect();
-        let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(2 * group.len());
-        for (h, (_, data)) in headers.iter().zip(group) {
-            slices.push(std::io::IoSlice::new(h));
-            if !data.is_empty() {
-                slices.push(std::io::IoSlice::new(data));
-            }
-        }
-        let mut rest: &mut [std::io::IoSlice<'_>] = &mut slices;
-        while !rest.is_empty() {
-            let n = rustix::io::pwritev(&active.file, rest, off)
-                .map_err(|e| Error::io("write", &active.path, e.into()))?;
-            if n == 0 {
-                let e = std::io::Error::from(std::io::ErrorKind::WriteZero);
-                return Err(Error::io("write", &active.path, e));
-            }
-            off += n as u64;
-            std::io::IoSlice::advance_slices(&mut rest, n);
-        }
-    }
-    Ok(())
-}
+/// A scan's say on one record (see [`Files::scan_segment`]): `Ok(Err(why))` rejects it.
+pub(crate) type SegmentCheck<'a> =
+    &'a mut dyn FnMut(&dyn Handle, u64, &RecordHeader) -> std::io::Result<Result<(), String>>;
 
-/// The data fsync of an append, run (possibly on another thread) before the commit.
+/// The data sync of an append, run (possibly on another thread) before the commit.
 pub(crate) struct SyncJob {
-    file: File,
-    path: PathBuf,
-    /// The shard directory, when the append created a segment file in it.
-    dir: Option<PathBuf>,
+    backend: Arc<dyn Backend>,
+    handle: Arc<dyn Handle>,
+    key: Key,
+    /// Segments the batch created: their names must be durable too.
+    names: Vec<Key>,
 }
 
 impl SyncJob {
-    /// fsyncs the segment's data, then the directory entry of a new segment.
+    /// Syncs the segment's bytes, then the names of segments the batch created.
     pub fn run(&self) -> Result<()> {
-        self.file.sync_data().ctx("fsync", &self.path)?;
-        if let Some(d) = &self.dir {
-            sys::sync_dir(d)?;
+        self.handle
+            .sync()
+            .map_err(|e| Error::io("sync", self.backend.display(&self.key), e))?;
+        if !self.names.is_empty() {
+            self.backend
+                .sync_names(&self.names)
+                .map_err(|e| Error::io("sync", self.backend.display(&self.key), e))?;
         }
         Ok(())
     }

@@ -310,6 +310,7 @@ pub fn default_root(flag: Option<&Path>) -> Result<PathBuf> {
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
     let root = default_root(cli.root.as_deref())?;
     let open_existing = || Store::open(&root, Options::default().create(false));
+    let open_reading = || open_read_only(&root);
     match &cli.command {
         Command::Init { shards } => {
             let s = Store::open(&root, Options::default().shards(*shards))?;
@@ -330,7 +331,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             .map_err(stdout_err)?;
         }
         Command::Info { json } => {
-            let info = open_existing()?.info()?;
+            let info = open_reading()?.info()?;
             if *json {
                 write_json(out, &info)?;
             } else {
@@ -359,7 +360,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::Blob(BlobCommand::Get { digest, output }) => {
             let d = Digest::parse(digest)?;
-            let blob = open_existing()?.get(&d)?;
+            let blob = open_reading()?.get(&d)?;
             match output {
                 Some(path) => {
                     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
@@ -375,7 +376,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
         }
         Command::Blob(BlobCommand::Stat { digest, json }) => {
             let d = Digest::parse(digest)?;
-            let info = open_existing()?.stat(&d)?.ok_or(Error::NotFound(d))?;
+            let info = open_reading()?.stat(&d)?.ok_or(Error::NotFound(d))?;
             if *json {
                 write_json(out, &info)?;
             } else {
@@ -429,7 +430,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             output,
             format,
         } => {
-            let store = open_existing()?;
+            let store = open_reading()?;
             if *format == crate::archive::ExportFormat::OciDir {
                 store.export_dir(refs, output)?;
             } else if output.as_os_str() == "-" {
@@ -445,7 +446,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             }
         }
         Command::Images { json } => {
-            let images = open_existing()?.images()?;
+            let images = open_reading()?.images()?;
             if *json {
                 write_json(out, &images)?;
             } else {
@@ -463,7 +464,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             }
         }
         Command::Inspect { reference, json } => {
-            let d = open_existing()?.inspect(reference)?;
+            let d = open_reading()?.inspect(reference)?;
             if *json {
                 write_json(out, &d)?;
             } else {
@@ -493,7 +494,11 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             drop_referrers,
             json,
         } => {
-            let store = open_existing()?;
+            let store = if *dry_run {
+                open_reading()?
+            } else {
+                open_existing()?
+            };
             let opts = crate::GcOptions::default()
                 .dry_run(*dry_run)
                 .grace(*grace)
@@ -551,7 +556,11 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             repair,
             json,
         } => {
-            let store = open_existing()?;
+            let store = if *repair {
+                open_existing()?
+            } else {
+                open_reading()?
+            };
             let depth = if *fast {
                 crate::Depth::Fast
             } else if *deep {
@@ -572,9 +581,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             } else {
                 print_verify(out, &report).map_err(stdout_err)?;
             }
-            if !report.problems.is_empty() {
+            if report.errors > 0 {
                 out.flush().map_err(stdout_err)?;
-                return Err(Error::ProblemsFound(report.problems.len()));
+                return Err(Error::ProblemsFound(report.errors));
             }
         }
         Command::Repair { json, .. } => {
@@ -597,7 +606,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                 )
                 .map_err(stdout_err)?;
                 if let Some(p) = &report.old_index {
-                    writeln!(out, "the old index was moved to {}", p.display())
+                    writeln!(out, "the old index was kept as {}", p.display())
                         .map_err(stdout_err)?;
                 }
             }
@@ -608,7 +617,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             platform,
             json,
         } => {
-            let store = open_existing()?;
+            let store = open_reading()?;
             let mut opts = crate::unpack::UnpackOptions::default();
             opts.platform.clone_from(platform);
             let report = store.unpack(reference, dir, &opts)?;
@@ -627,7 +636,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             }
         }
         Command::Df { json } => {
-            let u = open_existing()?.disk_usage()?;
+            let u = open_reading()?.disk_usage()?;
             if *json {
                 write_json(out, &u)?;
             } else {
@@ -635,7 +644,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             }
         }
         Command::Blob(BlobCommand::Ls { json }) => {
-            let store = open_existing()?;
+            let store = open_reading()?;
             if *json {
                 out.write_all(b"[").map_err(stdout_err)?;
             }
@@ -660,6 +669,22 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
     out.flush().map_err(stdout_err)
 }
 
+/// Opens an existing store for a command that only reads: without writing anything (so
+/// a read-only root works too); a store a crash left needing recovery is opened writable
+/// once for it, when the root allows.
+fn open_read_only(root: &Path) -> Result<Store> {
+    match Store::open(root, Options::default().create(false).read_only(true)) {
+        Err(Error::NeedsRecovery { .. }) => Store::open(root, Options::default().create(false))
+            .map_err(|e| match e {
+                Error::Io { .. } => Error::NeedsRecovery {
+                    path: root.to_owned(),
+                },
+                e => e,
+            }),
+        r => r,
+    }
+}
+
 fn container_cmd(root: &Path, c: &ContainerCommand, out: &mut dyn Write) -> Result<()> {
     match c {
         ContainerCommand::Create { image, name } => {
@@ -676,14 +701,14 @@ fn container_cmd(root: &Path, c: &ContainerCommand, out: &mut dyn Write) -> Resu
             Ok(())
         }
         ContainerCommand::Ls { json } => {
-            let list = Store::open(root, Options::default().create(false))?.containers()?;
+            let list = open_read_only(root)?.containers()?;
             if *json {
                 return write_json(out, &list);
             }
             let mut t = Table::new(&["CONTAINER ID", "IMAGE", "NAME", "CREATED"]);
             for c in &list {
                 t.row(vec![
-                    c.id[..12].to_owned(),
+                    c.id.chars().take(12).collect(),
                     c.image_ref.clone(),
                     c.name.clone(),
                     humantime::format_rfc3339_seconds(
@@ -715,7 +740,7 @@ fn lease_cmd(root: &Path, c: &LeaseCommand, out: &mut dyn Write) -> Result<()> {
             Store::open(root, Options::default().create(false))?.lease_add(id, &ds)
         }
         LeaseCommand::Ls { json } => {
-            let list = Store::open(root, Options::default().create(false))?.leases()?;
+            let list = open_read_only(root)?.leases()?;
             if *json {
                 return write_json(out, &list);
             }
@@ -1020,8 +1045,9 @@ fn put_files(store: &Store, files: &[PathBuf], quiet: bool, out: &mut dyn Write)
             _ => {
                 flush(&mut batch, out)?;
                 batch_bytes = 0;
-                let r#ref = format!("cli-put-{}-{}", std::process::id(), sys_seq());
-                let mut ing = store.ingest(&r#ref, PutOptions::default())?;
+                // Nothing could resume a killed command: its bytes go to scratch space,
+                // which the next open discards.
+                let mut ing = store.ingest_unnamed(PutOptions::default())?;
                 if path.as_os_str() == "-" {
                     ing.write_from(&mut std::io::stdin().lock())?;
                 } else {
@@ -1100,9 +1126,4 @@ pub fn progress(total: u64, quiet: bool) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-fn sys_seq() -> u64 {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }

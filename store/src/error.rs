@@ -28,6 +28,41 @@ pub enum Error {
         /// The store root.
         path: PathBuf,
     },
+    /// The root holds store data that its index does not account for: the index is
+    /// missing, empty, or older than the data. Nothing was changed; the index must be
+    /// rebuilt from the data (`store repair --rebuild-index`).
+    #[error(
+        "store {path}: {reason}; nothing was changed — run `store repair --rebuild-index` \
+         to rebuild the index from the data"
+    )]
+    NeedsRepair {
+        /// The store root.
+        path: PathBuf,
+        /// What was found.
+        reason: String,
+    },
+    /// A read-only open found an index that a crash left needing recovery, which only a
+    /// writable open performs.
+    #[error("store {path} was not closed cleanly; recovering its index needs a writable open")]
+    NeedsRecovery {
+        /// The store root.
+        path: PathBuf,
+    },
+    /// `verify --repair` changed nothing: some reads failed for reasons that say nothing
+    /// about the bytes (EIO, EMFILE, ...), and only bytes proven wrong are ever removed.
+    #[error(
+        "{count} read(s) failed for reasons that say nothing about the bytes (the first: \
+         {first}); repair changes nothing until every blob can be read"
+    )]
+    ReadFailures {
+        /// How many reads failed.
+        count: usize,
+        /// The first failure.
+        first: String,
+    },
+    /// A write was asked of a store opened read-only.
+    #[error("the store is open read-only")]
+    ReadOnly,
     /// The store lives on a file system where locks and mmap are unsafe.
     #[error("{path} is on a network file system ({fs}); layerstore needs a local disk")]
     NetworkFilesystem {
@@ -165,6 +200,19 @@ impl Error {
                 | Error::ContainerNotFound(_)
                 | Error::Invalid(_)
         )
+    }
+
+    /// Whether the storage ran out of space (ENOSPC), from a file operation or from the
+    /// metadata database.
+    pub fn is_no_space(&self) -> bool {
+        const ENOSPC: i32 = 28;
+        match self {
+            Error::Io { source, .. } => source.raw_os_error() == Some(ENOSPC),
+            Error::Db(e) => {
+                matches!(&**e, redb::Error::Io(io) if io.raw_os_error() == Some(ENOSPC))
+            }
+            _ => false,
+        }
     }
 
     /// A corruption error for a bad header at a place.

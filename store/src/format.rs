@@ -222,6 +222,122 @@ impl RecordHeader {
     }
 }
 
+/// A stretch of a segment that holds no record a scan could trust.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// First byte of the stretch.
+    pub start: u64,
+    /// One past its last byte (where the next trusted record, or the end, begins).
+    pub end: u64,
+    /// What was wrong at `start`.
+    pub reason: String,
+}
+
+/// What [`scan`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Every record whose header decodes, fits and passes `check`, with its offset.
+    pub records: Vec<(u64, RecordHeader)>,
+    /// Every stretch stepped over, in order.
+    pub damaged: Vec<Damage>,
+}
+
+/// What a scan asks of each record that decodes and fits: `Ok(Err(why))` rejects it (it is
+/// damage); an error ends the scan.
+pub type Check<'a> = &'a mut dyn FnMut(u64, &RecordHeader) -> std::io::Result<Result<(), String>>;
+
+/// Bytes read per step while looking for the next record after damage.
+const RESYNC_WINDOW: usize = 64 << 10;
+
+/// Walks the records of a segment from `start` to `end`, reading through `read` (which
+/// fills as much of the buffer as the object holds from an offset and returns how much).
+///
+/// A record is trusted when its header decodes (magic, checksum, fields), it ends at or
+/// before `end`, and `check` accepts it (repair checks the payload's blake3 there). At a
+/// record that is not trusted the scan does not stop: it looks for the next offset where
+/// one is, and reports the stretch in between, so one flipped bit costs one record, not
+/// the rest of the segment. Errors from `read` or `check` (I/O) end the scan: they say
+/// nothing about the bytes.
+pub fn scan(
+    start: u64,
+    end: u64,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<usize>,
+    check: Check<'_>,
+) -> std::io::Result<Scan> {
+    let mut out = Scan::default();
+    let mut at = start;
+    let mut window = Vec::new();
+    while at < end {
+        let why = match trusted(at, end, read, check)? {
+            Ok((h, e)) => {
+                out.records.push((at, h));
+                at = e;
+                continue;
+            }
+            Err(why) => why,
+        };
+        // Look for the next trusted record: candidates start with the record magic.
+        window.resize(RESYNC_WINDOW, 0);
+        let mut next = end;
+        let mut from = at + 1;
+        'search: while from + RECORD_HEADER_LEN <= end {
+            let want = ((end - from) as usize).min(window.len());
+            let n = read(from, &mut window[..want])?;
+            if n < RECORD_MAGIC.len() {
+                break;
+            }
+            for i in 0..=(n - RECORD_MAGIC.len()) {
+                if window[i..i + RECORD_MAGIC.len()] == RECORD_MAGIC
+                    && trusted(from + i as u64, end, read, check)?.is_ok()
+                {
+                    next = from + i as u64;
+                    break 'search;
+                }
+            }
+            // The magic may straddle two windows.
+            from += (n - (RECORD_MAGIC.len() - 1)) as u64;
+        }
+        out.damaged.push(Damage {
+            start: at,
+            end: next,
+            reason: why,
+        });
+        at = next;
+    }
+    Ok(out)
+}
+
+/// Whether a trusted record starts at `p` (see [`scan`]), and where it ends.
+fn trusted(
+    p: u64,
+    end: u64,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> std::io::Result<usize>,
+    check: Check<'_>,
+) -> std::io::Result<Result<(RecordHeader, u64), String>> {
+    if p.checked_add(RECORD_HEADER_LEN).is_none_or(|e| e > end) {
+        return Ok(Err(format!(
+            "{} bytes left, less than a record header",
+            end.saturating_sub(p)
+        )));
+    }
+    let mut hdr = [0u8; RECORD_HEADER_LEN as usize];
+    let n = read(p, &mut hdr)?;
+    if n < hdr.len() {
+        return Ok(Err(format!("the data ends {n} bytes into a record header")));
+    }
+    let h = match RecordHeader::decode(&hdr) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(format!("record header: {e}"))),
+    };
+    match (p + RECORD_HEADER_LEN).checked_add(h.stored_len) {
+        Some(e) if e <= end => Ok(check(p, &h)?.map(|()| (h, e))),
+        _ => Ok(Err(format!(
+            "a record of {} bytes runs past the end ({end})",
+            h.stored_len
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +379,86 @@ mod tests {
             bad[i] ^= 1;
             assert!(SegmentHeader::decode(&bad).is_err(), "flip at {i} accepted");
         }
+    }
+
+    fn segment_of(payloads: &[&[u8]]) -> (Vec<u8>, Vec<u64>) {
+        let mut seg = SegmentHeader { shard: 0, id: 1 }.encode().to_vec();
+        let mut at = Vec::new();
+        for p in payloads {
+            at.push(seg.len() as u64);
+            let h = RecordHeader {
+                digest: Digest::compute(Algorithm::Sha256, p),
+                kind: Kind::Other,
+                flags: 0,
+                stored_len: p.len() as u64,
+                raw_len: p.len() as u64,
+                blake3: *blake3::hash(p).as_bytes(),
+            };
+            seg.extend_from_slice(&h.encode());
+            seg.extend_from_slice(p);
+        }
+        (seg, at)
+    }
+
+    fn scan_bytes(seg: &[u8]) -> Scan {
+        let mut read = |off: u64, buf: &mut [u8]| -> std::io::Result<usize> {
+            let off = (off as usize).min(seg.len());
+            let n = buf.len().min(seg.len() - off);
+            buf[..n].copy_from_slice(&seg[off..off + n]);
+            Ok(n)
+        };
+        scan(
+            SEGMENT_HEADER_LEN,
+            seg.len() as u64,
+            &mut read,
+            &mut |_, _| Ok(Ok(())),
+        )
+        .unwrap()
+    }
+
+    /// A flipped bit anywhere in a record header costs that record only: the scan finds
+    /// the next one and reports the stretch it stepped over.
+    #[test]
+    fn scan_resynchronises_after_any_flipped_header_bit() {
+        let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        let (seg, at) = segment_of(&refs);
+        assert_eq!(scan_bytes(&seg).records.len(), 5);
+        for byte in 0..RECORD_HEADER_LEN as usize {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = seg.clone();
+                bad[at[2] as usize + byte] ^= bit;
+                let s = scan_bytes(&bad);
+                let found: Vec<u64> = s.records.iter().map(|(o, _)| *o).collect();
+                assert_eq!(
+                    found,
+                    [at[0], at[1], at[3], at[4]],
+                    "flip at header byte {byte}"
+                );
+                assert_eq!(s.damaged.len(), 1);
+                assert_eq!((s.damaged[0].start, s.damaged[0].end), (at[2], at[3]));
+            }
+        }
+    }
+
+    /// A cut mid-record is one damaged stretch to the end; a length that overflows is
+    /// refused, not wrapped.
+    #[test]
+    fn scan_reports_a_torn_tail_and_refuses_overflowing_lengths() {
+        let (seg, at) = segment_of(&[b"one", b"two", b"three"]);
+        let cut = &seg[..at[2] as usize + 130];
+        let s = scan_bytes(cut);
+        assert_eq!(s.records.len(), 2);
+        assert_eq!(s.damaged[0].start, at[2]);
+        assert_eq!(s.damaged[0].end, cut.len() as u64);
+
+        let mut h = RecordHeader::decode(&seg[at[0] as usize..]).unwrap();
+        h.stored_len = u64::MAX - 64;
+        h.raw_len = h.stored_len;
+        let mut bad = seg.clone();
+        bad[at[0] as usize..at[0] as usize + 128].copy_from_slice(&h.encode());
+        let s = scan_bytes(&bad);
+        assert_eq!(s.records.len(), 2, "{s:?}");
+        assert!(s.damaged[0].reason.contains("runs past"), "{s:?}");
     }
 }

@@ -9,14 +9,14 @@
 //! not the snapshot, decides. It must never delete a blob reachable from a root.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use redb::{ReadableMultimapTable, ReadableTable};
 
+use crate::backend::{Key, List};
 use crate::digest::Digest;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::format::{Kind, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 use crate::meta::{self, Location, Op, RelocateOp, SegmentRow, SweepOp};
 use crate::store::Store;
@@ -149,6 +149,13 @@ pub struct GcReport {
     pub compacted_bytes: u64,
     /// Orphan files and directories removed.
     pub orphans_removed: u64,
+    /// Segments compaction left alone because their records are damaged (`verify --deep`
+    /// names the blobs concerned).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub segments_damaged: Vec<u64>,
+    /// The disk was full: the reserve was given back first, and the run committed each
+    /// sweep as it went.
+    pub released_reserve: bool,
     /// Phase timings.
     pub phases: Phases,
 }
@@ -284,12 +291,17 @@ struct Sweeper<'a> {
     cutoff_ms: u64,
     drop_referrers: bool,
     report: &'a mut GcReport,
-    unlink: Vec<std::path::PathBuf>,
+    /// Large files of deleted generations, unlinked after the durable commit.
+    unlink: Vec<(Digest, u64)>,
     /// Decrements owed to nodes, by node (which is key order).
     owed: BTreeMap<u32, u64>,
     /// Decrements owed to children the snapshot does not store (absent ones).
     stray: BTreeMap<Digest, u64>,
     batch: usize,
+    /// The disk is full: each sweep is made durable at once and its large files removed,
+    /// so space comes back as the run goes (the index can reuse its freed pages only
+    /// after a durable commit).
+    low_space: bool,
 }
 
 impl Sweeper<'_> {
@@ -324,11 +336,19 @@ impl Sweeper<'_> {
             .iter()
             .filter_map(|c| self.owe(*c, 1))
             .collect();
-        let files = &self.store.inner.files;
+        if self.low_space && !o.sweep.deleted.is_empty() {
+            self.store.inner.meta.submit(Op::Seal(Vec::new()))?;
+            let files = &self.store.inner.files;
+            for (d, e) in &o.sweep.deleted {
+                if let Location::Large { generation } = e.location {
+                    files.remove_large(d, generation);
+                }
+            }
+        }
         for (d, e) in &o.sweep.deleted {
             // Only the generation this sweep deleted: a newer copy is never touched.
             if let Location::Large { generation } = e.location {
-                self.unlink.push(files.large_path(d, generation));
+                self.unlink.push((*d, generation));
             }
             self.report.removed_blobs += 1;
             self.report.removed_bytes += e.size;
@@ -404,6 +424,17 @@ impl layerstore_gc::Sweeper<u32> for Sweeper<'_> {
     }
 }
 
+/// The share of a segment's records (by bytes) that no entry names.
+fn dead_fraction(row: &SegmentRow) -> f64 {
+    let body = row.committed_len.saturating_sub(SEGMENT_HEADER_LEN);
+    #[allow(clippy::cast_precision_loss)]
+    if body == 0 {
+        0.0
+    } else {
+        row.dead_bytes as f64 / body as f64
+    }
+}
+
 fn gc_err(e: layerstore_gc::Error<Error>) -> Error {
     match e {
         layerstore_gc::Error::Interrupted => Error::Interrupted,
@@ -458,6 +489,50 @@ impl Store {
             .gc_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if opts.dry_run {
+            return self.collect_once(opts, interrupt, between, progress, false);
+        }
+        // A full disk: the index needs new pages even to delete, so the reserve goes
+        // first, and the run commits each sweep durably and frees its files at once.
+        let backend = &self.inner.files.backend;
+        let reserve = self.inner.opts.reserve;
+        let io = |e| Error::io("reserve", self.inner.root.clone(), e);
+        let mut low = reserve > 0
+            && backend
+                .free_space()
+                .map_err(io)?
+                .is_some_and(|free| free < reserve)
+            && backend.release_reserve().map_err(io)?;
+        let mut r = self.collect_once(opts, interrupt, between, progress, low);
+        if let Err(e) = &r
+            && e.is_no_space()
+            && !low
+            && backend.release_reserve().map_err(io)?
+        {
+            low = true;
+            r = self.collect_once(opts, interrupt, between, progress, low);
+        }
+        if low {
+            r = r.map(|mut rep| {
+                rep.released_reserve = true;
+                rep
+            });
+            // Back once there is room for it again (not at the cost of the last of it).
+            if reserve > 0 {
+                let _ = backend.ensure_reserve(reserve);
+            }
+        }
+        r
+    }
+
+    fn collect_once(
+        &self,
+        opts: &GcOptions,
+        interrupt: &AtomicBool,
+        between: &mut dyn FnMut(),
+        progress: &dyn Progress,
+        low_space: bool,
+    ) -> Result<GcReport> {
         let mut report = GcReport {
             dry_run: opts.dry_run,
             ..GcReport::default()
@@ -495,7 +570,7 @@ impl Store {
 
         // 2. Mark on one snapshot.
         let t = Instant::now();
-        let cutoff = now.saturating_sub(opts.grace.as_millis() as u64);
+        let cutoff = now.saturating_sub(crate::sys::millis(opts.grace));
         let txn = self.inner.meta.read()?;
         // Every blob, in key order (the order the sweep keeps: neighbouring keys per
         // transaction), and the young ones, which are roots.
@@ -596,6 +671,7 @@ impl Store {
             owed: BTreeMap::new(),
             stray: BTreeMap::new(),
             batch: engine_opts.batch,
+            low_space,
         };
         let swept = layerstore_gc::execute(&plan, &mut sweeper, &engine_opts);
         // The decrements still owed, also after an interrupt or error (if this fails
@@ -605,12 +681,16 @@ impl Store {
         // One durable commit makes every sweep durable; only then may files go. (Also
         // after an interrupt or error: what was swept stays swept.)
         self.inner.meta.submit(Op::Seal(Vec::new()))?;
-        for p in unlink {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => return Err(Error::io("remove", &p, err)),
-            }
+        let files = &self.inner.files;
+        for (d, generation) in unlink {
+            let key = Key::Large {
+                digest: d,
+                generation,
+            };
+            files
+                .backend
+                .remove(&key)
+                .map_err(|e| files.io("remove", &key, e))?;
         }
         let outcome = swept.map_err(gc_err)?;
         settled?;
@@ -621,24 +701,36 @@ impl Store {
 
         // 4. Compaction.
         let t = Instant::now();
-        let segments = self.inner.meta.segments()?;
+        let mut segments = self.inner.meta.segments()?;
         let n_segments = segments.len() as u64;
+        // Sealed segments first; then active ones, looked at again (the copies just
+        // appended to them are live).
+        segments.sort_by_key(|(id, row)| (!row.sealed, *id));
+        let worth =
+            |row: &SegmentRow| row.dead_bytes > 0 && dead_fraction(row) >= opts.compact_threshold;
         for (i, (id, row)) in segments.into_iter().enumerate() {
             if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
             progress.report("compact", i as u64, Some(n_segments));
-            let body = row.committed_len.saturating_sub(SEGMENT_HEADER_LEN);
-            #[allow(clippy::cast_precision_loss)]
-            let dead = if body == 0 {
-                0.0
+            if !worth(&row) {
+                continue;
+            }
+            // A shard's active segment is sealed first (under its append lock): a store
+            // whose images were all removed gets its space back too.
+            let row = if row.sealed {
+                row
             } else {
-                row.dead_bytes as f64 / body as f64
+                match self.seal_active(id, row.shard, &worth)? {
+                    Some(row) => row,
+                    None => continue,
+                }
             };
-            if row.sealed && row.dead_bytes > 0 && dead >= opts.compact_threshold {
-                self.compact(id, row)?;
+            if self.compact(id, row)? {
                 report.segments_compacted += 1;
                 report.compacted_bytes += row.dead_bytes;
+            } else {
+                report.segments_damaged.push(id);
             }
         }
         // Mappings of segments compacted now or by earlier runs that no snapshot needs.
@@ -656,12 +748,18 @@ impl Store {
     /// commits the new locations (a blob deleted meanwhile keeps its deletion), and
     /// unlinks the old file. A crash at any point loses nothing: before the commit the
     /// old records are still the indexed ones; after it, the new ones are durable.
-    fn compact(&self, id: u64, row: SegmentRow) -> Result<()> {
+    fn compact(&self, id: u64, row: SegmentRow) -> Result<bool> {
         let files = &self.inner.files;
-        let records = files.scan_records(row.shard, id, row.committed_len)?;
+        let scan =
+            files.scan_segment(row.shard, id, row.committed_len, &mut |_, _, _| Ok(Ok(())))?;
+        if !scan.damaged.is_empty() {
+            // Entries may name records in the damage: never drop the segment under them
+            // (`verify --deep` names them; `verify --repair` settles them).
+            return Ok(false);
+        }
         let txn = self.inner.meta.read()?;
         let mut live = Vec::new();
-        for (at, h) in records {
+        for (at, h) in scan.records {
             let payload = at + RECORD_HEADER_LEN;
             if let Some(e) = meta::Meta::entry(&txn, &h.digest)?
                 && e.location
@@ -690,7 +788,7 @@ impl Store {
             } else {
                 Some(files.append(&mut w, &recs)?)
             };
-            let finish = files.finish_batch(&mut w)?;
+            let finish = files.finish_batch(&mut w);
             let mut segments = appended
                 .as_ref()
                 .map(|a| a.updates.clone())
@@ -730,68 +828,125 @@ impl Store {
             files.committed(&mut w, &segments);
             Ok(())
         })();
-        if result.is_err() {
+        if let Err(e) = result {
             // The active segment may hold an unfinished copy: take no more appends on it.
             w.active = None;
-            return result;
+            return Err(e);
         }
         drop(w);
         // Snapshots from now on see the new locations; older ones keep the old mapping
         // until they are gone (`Files::reap`).
         let epoch = self.inner.meta.advance_epoch();
-        files.retire_segment(row.shard, id, row.committed_len, epoch)
+        files.retire_segment(row.shard, id, row.committed_len, epoch)?;
+        Ok(true)
     }
 
-    /// Removes large files no index entry names and ingest directories untouched for
-    /// longer than `age`. Returns how many were removed.
+    /// Seals segment `id` if it is still `shard`'s active segment, under the shard's
+    /// append lock; returns its row as sealed (`None`: it is gone or moved on).
+    /// Seals segment `id` if it is still `shard`'s active segment and its row (read again
+    /// under the shard's append lock) is still `worth` compacting; returns that row.
+    fn seal_active(
+        &self,
+        id: u64,
+        shard: u32,
+        worth: &dyn Fn(&SegmentRow) -> bool,
+    ) -> Result<Option<SegmentRow>> {
+        let mut w = self.inner.lock_shard(shard);
+        if w.active.as_ref().is_none_or(|a| a.id != id) {
+            return Ok(None);
+        }
+        let Some(row) = self
+            .inner
+            .meta
+            .segments()?
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, r)| r)
+            .filter(|r| worth(r))
+        else {
+            return Ok(None);
+        };
+        self.inner.meta.submit(Op::Seal(vec![id]))?;
+        self.inner.files.mark_sealed(id, row.committed_len);
+        w.active = None;
+        Ok(Some(SegmentRow {
+            sealed: true,
+            ..row
+        }))
+    }
+
+    /// Removes objects nothing names that have not changed for `age`: large files no entry
+    /// names, segment files no row names, and uploads no live ingest of this process
+    /// writes. Returns how many were removed.
     fn remove_orphans(&self, age: Duration) -> Result<u64> {
         let mut removed = 0;
-        let old = |p: &Path| -> bool {
-            std::fs::symlink_metadata(p)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|e| e >= age)
+        let files = &self.inner.files;
+        let backend = &files.backend;
+        let old = |l: &crate::backend::Listed| l.age.is_some_and(|a| a >= age);
+        let list = |what: &List| {
+            backend
+                .list(what)
+                .map_err(|e| Error::io("list", self.inner.root.clone(), e))
         };
-        // Large files: those no entry names, in two passes. A file is installed (and in
+        let remove = |k: &Key| backend.remove(k).map_err(|e| files.io("remove", k, e));
+        // Large files: those no entry names, in two passes. A file is published (and in
         // flight) before the commit that names it; the second pass skips files in flight
         // and only then takes the snapshot it checks against, so a file whose commit
         // finished after the first snapshot is seen indexed, and one still committing is
         // seen in flight. (Age alone is not enough: `orphan_age` may be 0, a commit may
         // stall behind a slow disk.)
-        let files = &self.inner.files;
-        let mut unnamed: Vec<(std::path::PathBuf, Option<(Digest, u64)>)> = Vec::new();
+        let mut unnamed: Vec<crate::backend::Listed> = Vec::new();
         let txn = self.inner.meta.read()?;
-        for p in files.large_files()? {
-            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
-                continue;
+        for l in files.large_files()? {
+            let named = match &l.key {
+                Some(Key::Large { digest, generation }) => {
+                    meta::Meta::names_large(&txn, digest, *generation)?
+                }
+                _ => false,
             };
-            let parsed = crate::blobs::Files::parse_large_name(name);
-            let named = match parsed {
-                Some((d, g)) => meta::Meta::names_large(&txn, &d, g)?,
-                None => false,
-            };
-            if !named && old(&p) {
-                unnamed.push((p, parsed));
+            if !named && old(&l) {
+                unnamed.push(l);
             }
         }
         drop(txn);
-        unnamed.retain(|(_, parsed)| parsed.is_none_or(|(d, g)| !files.in_flight(&d, g)));
+        unnamed.retain(|l| match &l.key {
+            Some(Key::Large { digest, generation }) => !files.in_flight(digest, *generation),
+            _ => true,
+        });
         let txn = self.inner.meta.read()?;
-        for (p, parsed) in unnamed {
-            if let Some((d, g)) = parsed
-                && meta::Meta::names_large(&txn, &d, g)?
+        for l in unnamed {
+            // A name no writer produces is not ours to interpret, and is not removed.
+            if let Some(k @ Key::Large { digest, generation }) = &l.key
+                && !meta::Meta::names_large(&txn, digest, *generation)?
+                && remove(k)?
             {
-                continue;
-            }
-            match std::fs::remove_file(&p) {
-                Ok(()) => removed += 1,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove", &p, e)),
+                removed += 1;
             }
         }
         drop(txn);
-        let ingest = self.root().join("ingest");
+        // Segment files no row names and this process has not created (an uncommitted
+        // batch of an earlier process, or a compacted segment whose removal a crash
+        // undid).
+        let rows: HashSet<u64> = self
+            .inner
+            .meta
+            .segments()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        for shard in 0..self.inner.shard_count() {
+            for l in list(&List::Segments(shard))? {
+                if let Some(k @ Key::Segment { id, .. }) = &l.key
+                    && !rows.contains(id)
+                    && !files.has_view(*id)
+                    && old(&l)
+                    && remove(k)?
+                {
+                    removed += 1;
+                }
+            }
+        }
+        // Uploads whose directory and every part are old, and that no live ingest holds.
         let busy: HashSet<String> = self
             .inner
             .ingests
@@ -800,16 +955,11 @@ impl Store {
             .iter()
             .map(|r| blake3::hash(r.as_bytes()).to_hex().to_string())
             .collect();
-        for ent in std::fs::read_dir(&ingest).ctx("list", &ingest)? {
-            let p = ent.ctx("list", &ingest)?.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if name == "tmp" || busy.contains(name) {
-                continue;
-            }
-            let all_old =
-                std::fs::read_dir(&p).map_or(true, |it| it.flatten().all(|e| old(&e.path())));
-            if all_old && old(&p) {
-                std::fs::remove_dir_all(&p).ctx("remove", &p)?;
+        for l in list(&List::Uploads)? {
+            if l.key.is_none() && !busy.contains(&l.name) && old(&l) {
+                backend.remove_upload(&l.name).map_err(|e| {
+                    Error::io("remove", self.inner.root.join("ingest").join(&l.name), e)
+                })?;
                 removed += 1;
             }
         }
@@ -834,7 +984,7 @@ mod tests {
             .unwrap()
             .problems
             .into_iter()
-            .filter(|p| ["refcount", "holds", "missing-child"].contains(&p.kind))
+            .filter(|p| ["refcount", "holds", "missing-child"].contains(&p.kind.name()))
             .collect()
     }
 
@@ -850,17 +1000,21 @@ mod tests {
     /// orphan, even with `orphan_age` 0; once its installer gives up, it is.
     #[test]
     fn a_large_file_in_flight_is_no_orphan_whatever_its_age() {
-        use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Options::default()).unwrap();
         let files = &store.inner.files;
         let d = Digest::compute(crate::Algorithm::Sha256, b"in flight");
-        let tmp = dir.path().join("ingest").join("flight.tmp");
-        let mut f = std::fs::File::create(&tmp).unwrap();
-        f.write_all(b"a record, as far as the orphan pass cares")
+        let st = files.stage("flight").unwrap();
+        crate::backend::write_all_at(&*st.handle, b"a record, as far as the orphan pass cares", 0)
             .unwrap();
-        let g = files.install_large(&tmp, &f, &d).unwrap();
-        let path = files.large_path(&d, g);
+        let g = files.publish(&[(&st.key, &*st.handle, d)]).unwrap()[0];
+        let path = dir.path().join(
+            Key::Large {
+                digest: d,
+                generation: g,
+            }
+            .relative_path(),
+        );
         assert!(path.exists());
         let opts = GcOptions::default()
             .grace(Duration::ZERO)
@@ -909,7 +1063,17 @@ mod tests {
         assert_ne!(segment_of(&now, &keep[0]), first, "moved by compaction");
         drop(now);
         // The older snapshot still names the old segment, whose file is gone.
-        assert!(!store.inner.files.segment_path(0, first).exists());
+        assert!(
+            !dir.path()
+                .join(
+                    Key::Segment {
+                        shard: 0,
+                        id: first
+                    }
+                    .relative_path()
+                )
+                .exists()
+        );
         assert!(store.inner.files.has_view(first));
         assert_eq!(
             &old.get(&keep[0]).unwrap()[..],
@@ -1048,6 +1212,7 @@ mod tests {
                 owed: BTreeMap::new(),
                 stray: BTreeMap::new(),
                 batch: 16,
+                low_space: false,
             };
             let (swept, _) = sweeper
                 .submit(SweepOp {

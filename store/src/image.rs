@@ -45,6 +45,20 @@ pub mod media {
         "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 }
 
+/// Largest manifest, index or config the store parses (and so holds in memory at once):
+/// registries refuse manifests above 4 MiB; this leaves room for indexes of many images.
+pub const MAX_JSON: u64 = 16 << 20;
+
+fn too_large(what: &'static str, len: usize) -> ImageError {
+    malformed(
+        what,
+        format!(
+            "{len} bytes, more than the {} MiB the store parses",
+            MAX_JSON >> 20
+        ),
+    )
+}
+
 /// The content class a media type names.
 pub fn kind_of_media_type(mt: &str) -> Kind {
     match mt {
@@ -186,6 +200,9 @@ fn child(d: &Descriptor, kind: Option<Kind>) -> Result<Child, ImageError> {
 /// Whether bytes look like a manifest or an index (by media type, else by shape), without
 /// a full parse. `None` for anything else.
 pub fn sniff(bytes: &[u8]) -> Option<Kind> {
+    if bytes.len() as u64 > MAX_JSON {
+        return None;
+    }
     let p: Probe = serde_json::from_slice(bytes).ok()?;
     shape(&p)
 }
@@ -203,6 +220,9 @@ fn shape(p: &Probe) -> Option<Kind> {
 /// Parses a manifest or an index (OCI or Docker schema2; recognised by `mediaType`, or by
 /// shape when it is absent). Schema 1 is refused.
 pub fn parse(bytes: &[u8]) -> Result<Parsed, ImageError> {
+    if bytes.len() as u64 > MAX_JSON {
+        return Err(too_large("manifest", bytes.len()));
+    }
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(malformed("manifest", "not a JSON object"));
     }
@@ -293,6 +313,9 @@ pub fn parse_config(bytes: &[u8]) -> Result<ConfigInfo, ImageError> {
     struct RootFs {
         #[serde(default)]
         diff_ids: Vec<String>,
+    }
+    if bytes.len() as u64 > MAX_JSON {
+        return Err(too_large("image config", bytes.len()));
     }
     let r: Raw = serde_json::from_slice(bytes).map_err(|e| malformed("image config", e))?;
     Ok(ConfigInfo {

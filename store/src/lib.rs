@@ -17,6 +17,7 @@
 //! ```
 
 pub mod archive;
+pub mod backend;
 mod blobs;
 pub mod catalog;
 pub mod cli;
@@ -49,4 +50,4 @@ pub use refs::Lease;
 pub use store::{
     BlobInfo, BlobIter, Descriptor, Info, ManifestPut, Options, PutOptions, Snapshot, Store,
 };
-pub use verify::{Depth, Problem, VerifyOptions, VerifyReport};
+pub use verify::{Depth, Problem, ProblemKind, VerifyOptions, VerifyReport};

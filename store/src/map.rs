@@ -7,9 +7,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::path::Path;
-
-use crate::error::{Error, IoContext, Result};
+use std::io;
 
 /// A read-only mapping of the first `len` bytes of a file.
 pub struct Map {
@@ -17,49 +15,38 @@ pub struct Map {
 }
 
 impl Map {
-    /// Maps `len` bytes of `file` (which lives at `path`, for error messages), advising the
-    /// kernel of `sequential` or random access.
+    /// Maps `len` bytes of `file`, advising the kernel of `sequential` or random access;
+    /// `populate` faults every page in at once (`MAP_POPULATE`), which is much cheaper than
+    /// one fault per page for a caller about to read all of it (verify).
     ///
-    /// Fails with [`Error::Corrupt`] if the file is shorter than `len`, so that a short
-    /// file is an error here rather than a SIGBUS on access.
-    pub fn new(file: &File, path: &Path, len: u64, sequential: bool) -> Result<Map> {
-        Map::with(file, path, len, sequential, false)
-    }
-
-    /// [`Map::new`], faulting every page in at once (`MAP_POPULATE`): for a caller about to
-    /// read all of it (verify), much cheaper than one fault per page.
-    pub fn populated(file: &File, path: &Path, len: u64) -> Result<Map> {
-        Map::with(file, path, len, true, true)
-    }
-
-    fn with(file: &File, path: &Path, len: u64, sequential: bool, populate: bool) -> Result<Map> {
-        let actual = file.metadata().ctx("stat", path)?.len();
+    /// A file shorter than `len` is `UnexpectedEof` here, rather than a SIGBUS on access.
+    pub fn new(file: &File, len: u64, sequential: bool, populate: bool) -> io::Result<Map> {
+        let actual = file.metadata()?.len();
         if actual < len {
-            return Err(Error::Corrupt(format!(
-                "{} is {actual} bytes, but {len} are committed",
-                path.display()
-            )));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the file is {actual} bytes, {len} are expected"),
+            ));
         }
         if len == 0 {
             return Ok(Map { map: None });
         }
         let len_usize = usize::try_from(len)
-            .map_err(|_| Error::Corrupt(format!("{}: length overflows", path.display())))?;
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length overflows"))?;
         // SAFETY: the store maps only files whose mapped range is never written again and
         // that are never truncated while mapped: sealed pack segments (append-only, sealed
-        // before mapping, mapped up to their committed length; compaction unlinks them only
-        // after the last mapping is dropped, and unlinking does not shrink a mapping) and
-        // large-blob files (written, fsynced and renamed into place before being indexed;
-        // GC only unlinks them). The store's directory is private to its one writer
-        // process (flock on ROOT/lock). A third party truncating these files is outside
-        // the contract, as it is for every mmap-based store.
+        // before mapping, mapped up to their committed length; nothing ever shortens a
+        // segment file, and compaction only unlinks one, which does not shrink a mapping)
+        // and large-blob files (written, synced and renamed into place before being
+        // indexed; the collector only unlinks them). The store's directory is private to
+        // its one writer process (flock on ROOT/lock). A third party truncating these files
+        // is outside the contract, as it is for every mmap-based store.
         let mut opts = memmap2::MmapOptions::new();
         opts.len(len_usize);
         if populate {
             opts.populate();
         }
-        let map = unsafe { opts.map(file) }.ctx("mmap", path)?;
-        // Segments are read a record at a time; large files front to back.
+        let map = unsafe { opts.map(file) }?;
         let _ = map.advise(if sequential {
             memmap2::Advice::Sequential
         } else {

@@ -8,14 +8,14 @@
 //! only after the data fsync.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use redb::{
     Database, MultimapTableDefinition, ReadTransaction, ReadableDatabase, ReadableMultimapTable,
     ReadableTable, TableDefinition,
 };
 
+use crate::backend::{Backend, Control, MetaFile};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::format::{Kind, RECORD_HEADER_LEN};
@@ -64,9 +64,12 @@ const K_LARGE_BYTES: &str = "large_bytes";
 /// Set (to 1) while a collection owes reference-count decrements it has not written yet:
 /// a crash leaves it set, and open then rebuilds the counts from the edges.
 const K_OWED: &str = "gc_owed_counts";
+/// The sequence number of the newest durable commit (every durable transaction adds one);
+/// the witness file repeats it outside the index (`encode_witness`).
+const K_SEQ: &str = "commit_seq";
 
 /// Where a blob's bytes live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Location {
     /// In a pack segment; `offset` is where the payload starts (after the record header).
@@ -298,8 +301,10 @@ pub(crate) enum Op {
     /// Point blobs at their copies in a new segment (compaction) and retire the old one.
     Relocate(RelocateOp),
     /// Remove corrupt blobs from the index whatever holds them (`verify --repair`): their
-    /// parents keep naming them, so a re-import restores them in place.
-    Quarantine(Vec<Digest>),
+    /// parents keep naming them, so a re-import restores them in place. Each goes only if
+    /// its entry still names the location that was found corrupt (a blob moved or
+    /// re-stored since is not the bytes that were checked).
+    Quarantine(Vec<(Digest, Location)>),
     /// Recompute `refcount` and `holds` from edges, names, containers and leases.
     RebuildCounts,
 }
@@ -497,12 +502,36 @@ struct Queue {
     leader: bool,
 }
 
+/// The redb database: writable, or opened read-only (which never writes the file).
+enum Db {
+    Rw(Database),
+    Ro(redb::ReadOnlyDatabase),
+}
+
+impl Db {
+    fn begin_read(&self) -> std::result::Result<ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Rw(db) => db.begin_read(),
+            Db::Ro(db) => db.begin_read(),
+        }
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        match self {
+            Db::Rw(db) => Ok(db.begin_write()?),
+            Db::Ro(_) => Err(Error::ReadOnly),
+        }
+    }
+}
+
 /// The metadata database and its commit queue.
 pub(crate) struct Meta {
-    db: Database,
+    db: Db,
     queue: Mutex<Queue>,
     wake: Condvar,
     readers: Readers,
+    /// Where the witness of durable commits is written (the main index only).
+    witness: Option<Arc<dyn Backend>>,
 }
 
 /// Counters kept in the `meta` table, so `info` is O(1).
@@ -518,82 +547,143 @@ pub struct Counters {
     pub large_bytes: u64,
 }
 
+/// What an opened index holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// No settings: a new index (or one whose creating transaction never committed).
+    Empty,
+    /// A store: its shard count and the sequence number of its newest durable commit.
+    Ready { shards: u32, seq: u64 },
+}
+
+/// The witness file's bytes for commit `seq`: the number and a checksum of it, so that a
+/// torn write reads as no witness rather than as another number.
+pub(crate) fn encode_witness(seq: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&seq.to_le_bytes());
+    let check = blake3::hash(&seq.to_le_bytes());
+    b[8..].copy_from_slice(&check.as_bytes()[..8]);
+    b
+}
+
+/// The commit number a witness file records, if it is intact.
+pub(crate) fn decode_witness(b: &[u8]) -> Option<u64> {
+    if b.len() < 16 || b[8..16] != blake3::hash(&b[..8]).as_bytes()[..8] {
+        return None;
+    }
+    Some(u64_at(b, 0))
+}
+
 impl Meta {
-    /// Opens (or creates) `meta.redb` with a page cache of `cache` bytes. A database
-    /// another process holds is `Locked`.
-    pub fn open(path: &Path, root: &Path, cache: usize) -> Result<Meta> {
-        let db = Database::builder()
-            .set_cache_size(cache)
-            .create(path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => Error::Locked {
-                    path: root.to_owned(),
-                },
-                e => e.into(),
-            })?;
-        Ok(Meta {
+    /// Opens a metadata database file with a page cache of `cache` bytes; `write: false`
+    /// opens it read-only (nothing is ever written to it). `Ok(None)`: it does not exist.
+    /// A database another process holds is `Locked`.
+    pub fn open(
+        backend: &Arc<dyn Backend>,
+        which: MetaFile,
+        cache: usize,
+        write: bool,
+    ) -> Result<Option<Meta>> {
+        let name = |e| Error::io("open", backend.describe() + "/meta.redb", e);
+        let Some(h) = backend.meta(which, write, write).map_err(name)? else {
+            return Ok(None);
+        };
+        let storage = crate::backend::RedbStorage(h.0);
+        let mut builder = Database::builder();
+        builder.set_cache_size(cache);
+        let locked = |e: redb::DatabaseError| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::Locked {
+                path: backend.describe().into(),
+            },
+            redb::DatabaseError::RepairAborted => Error::NeedsRecovery {
+                path: backend.describe().into(),
+            },
+            e => e.into(),
+        };
+        let db = if write {
+            Db::Rw(builder.create_with_backend(storage).map_err(locked)?)
+        } else {
+            Db::Ro(
+                builder
+                    .open_read_only_with_backend(storage)
+                    .map_err(locked)?,
+            )
+        };
+        Ok(Some(Meta {
             db,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             readers: Readers::default(),
-        })
+            witness: (write && which == MetaFile::Main).then(|| backend.clone()),
+        }))
     }
 
-    /// Creates the tables and settings of a new store, or checks an existing one's schema.
-    /// Returns the shard count.
-    pub fn init(&self, shards: u32) -> Result<u32> {
-        let existing = {
-            let txn = self.read()?;
-            match txn.open_table(META) {
-                Ok(meta) => Some((
-                    meta.get(K_SCHEMA)?.map(|v| v.value()),
-                    meta.get(K_SHARDS)?.map_or(0, |v| v.value()),
-                )),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(e.into()),
-            }
+    /// What the index holds; a schema this build does not read is `Corrupt`.
+    pub fn status(&self) -> Result<Status> {
+        let txn = self.read()?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Status::Empty),
+            Err(e) => return Err(e.into()),
         };
-        match existing {
-            Some((Some(SCHEMA_VERSION), n)) => {
-                self.ensure_tables()?;
-                u32::try_from(n)
+        match meta.get(K_SCHEMA)?.map(|v| v.value()) {
+            None => Ok(Status::Empty),
+            Some(SCHEMA_VERSION) => {
+                let n = meta.get(K_SHARDS)?.map_or(0, |v| v.value());
+                let shards = u32::try_from(n)
                     .ok()
                     .filter(|&n| n > 0)
-                    .ok_or_else(|| Error::Corrupt(format!("shard count {n}")))
+                    .ok_or_else(|| Error::Corrupt(format!("shard count {n}")))?;
+                let seq = meta.get(K_SEQ)?.map_or(0, |v| v.value());
+                Ok(Status::Ready { shards, seq })
             }
-            Some((Some(v), _)) => Err(Error::Corrupt(format!(
+            Some(v) => Err(Error::Corrupt(format!(
                 "schema version {v}; this build reads {SCHEMA_VERSION}"
             ))),
-            // A new store (or one whose creating transaction never committed).
-            Some((None, _)) | None => {
-                let mut txn = self.db.begin_write()?;
-                txn.set_quick_repair(true);
-                {
-                    let mut meta = txn.open_table(META)?;
-                    meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
-                    meta.insert(K_SHARDS, u64::from(shards))?;
-                }
-                txn.open_table(BLOBS)?;
-                txn.open_table(SEGMENTS)?;
-                txn.open_multimap_table(EDGES)?;
-                txn.open_multimap_table(PENDING_REFERRERS)?;
-                txn.open_multimap_table(REFERRERS)?;
-                txn.open_table(REFERRER_OF)?;
-                txn.open_table(REFCOUNT)?;
-                txn.open_table(HOLDS)?;
-                txn.open_table(NAMES)?;
-                txn.open_table(CONTAINERS)?;
-                txn.open_table(LEASES)?;
-                txn.open_multimap_table(LEASE_RESOURCES)?;
-                txn.commit()?;
-                Ok(shards)
-            }
+        }
+    }
+
+    /// Creates the tables and settings of a new store. Its first commit is numbered after
+    /// `after` (the witness of any earlier index of this root), so the witness it writes
+    /// never falls behind.
+    pub fn init(&self, shards: u32, after: u64) -> Result<()> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_quick_repair(true);
+        let seq = after + 1;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(K_SCHEMA, SCHEMA_VERSION)?;
+            meta.insert(K_SHARDS, u64::from(shards))?;
+            meta.insert(K_SEQ, seq)?;
+        }
+        txn.open_table(BLOBS)?;
+        txn.open_table(SEGMENTS)?;
+        txn.open_multimap_table(EDGES)?;
+        txn.open_multimap_table(PENDING_REFERRERS)?;
+        txn.open_multimap_table(REFERRERS)?;
+        txn.open_table(REFERRER_OF)?;
+        txn.open_table(REFCOUNT)?;
+        txn.open_table(HOLDS)?;
+        txn.open_table(NAMES)?;
+        txn.open_table(CONTAINERS)?;
+        txn.open_table(LEASES)?;
+        txn.open_multimap_table(LEASE_RESOURCES)?;
+        txn.commit()?;
+        self.write_witness(seq);
+        Ok(())
+    }
+
+    /// Records that commit `seq` is durable (best effort: the witness only ever helps to
+    /// detect an index older than the data; a failed write detects less, never wrongly).
+    fn write_witness(&self, seq: u64) {
+        if let Some(b) = &self.witness {
+            let _ = b.write_control(Control::Witness, &encode_witness(seq));
         }
     }
 
     /// Creates tables a store made by an earlier build of this schema lacks (only when
     /// one is missing: an open normally writes nothing).
-    fn ensure_tables(&self) -> Result<()> {
+    pub fn ensure_tables(&self) -> Result<()> {
         let missing = {
             let txn = self.read()?;
             matches!(
@@ -873,19 +963,19 @@ impl Meta {
         resolved: &mut HashMap<u64, Result<()>>,
     ) -> Result<Vec<Result<Outcome>>> {
         let mut txn = self.db.begin_write()?;
-        if batch.iter().any(|(_, op)| op.needs_durability())
-            || txn.set_durability(redb::Durability::None).is_err()
-        {
+        let durable = batch.iter().any(|(_, op)| op.needs_durability())
+            || txn.set_durability(redb::Durability::None).is_err();
+        if durable {
             txn.set_quick_repair(true);
         }
         let mut outcomes = Vec::with_capacity(batch.len());
-        {
+        let seq = {
             let mut tx = Tx::open(&txn)?;
             for (_, op) in batch {
                 outcomes.push(tx.apply(op)?);
             }
-            tx.finish()?;
-        }
+            tx.finish(durable)?
+        };
         // Nothing becomes visible before its bytes are durable.
         for (t, op) in batch {
             if let Some(b) = op.barrier() {
@@ -896,6 +986,9 @@ impl Meta {
             }
         }
         txn.commit()?;
+        if durable {
+            self.write_witness(seq);
+        }
         Ok(outcomes)
     }
 }
@@ -962,8 +1055,16 @@ impl<'t> Tx<'t> {
         })
     }
 
-    fn finish(mut self) -> Result<()> {
-        write_counters(&mut self.meta, self.c)
+    /// Writes the counters; a durable transaction also takes the next commit number,
+    /// which it returns.
+    fn finish(mut self, durable: bool) -> Result<u64> {
+        write_counters(&mut self.meta, self.c)?;
+        let seq = self.meta.get(K_SEQ)?.map_or(0, |v| v.value());
+        if !durable {
+            return Ok(seq);
+        }
+        self.meta.insert(K_SEQ, seq + 1)?;
+        Ok(seq + 1)
     }
 
     /// Applies one op. The outer error aborts the whole transaction (storage); the inner
@@ -1004,7 +1105,10 @@ impl<'t> Tx<'t> {
                 };
                 let mut dead = HashMap::new();
                 let mut sw = Sweep::default();
-                for d in ds {
+                for (d, at) in ds {
+                    if self.entry(d)?.is_none_or(|e| e.location != *at) {
+                        continue;
+                    }
                     // Forced: the children's counts are decremented at once.
                     if let Swept::Deleted(e) =
                         self.sweep_one(d, &op, true, Removal::Forced, &mut dead, &mut Vec::new())?

@@ -7,21 +7,21 @@
 //! entry is not committed.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rayon::prelude::*;
 
-use crate::blobs::{Active, Blob, Files, ShardWriter};
+use crate::backend::local::LocalBackend;
+use crate::backend::{Backend, Control, Key, List, LockMode, MetaFile};
+use crate::blobs::{Blob, Files, ShardWriter};
 use crate::digest::{Algorithm, Digest, DualHasher};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::format::{Kind, RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN};
 use crate::meta::{
-    Barrier, BlobEntry, Counters, Location, Meta, NewBlob, Op, PutOp, SegmentUpdate,
+    Barrier, BlobEntry, Counters, Location, Meta, NewBlob, Op, PutOp, SegmentUpdate, Status,
 };
-use crate::sys;
 
 /// Choices for opening a store. Settings marked "init" only apply when the store is
 /// created; the others may differ per open.
@@ -40,6 +40,13 @@ pub struct Options {
     /// is read through the OS page cache). Default 128 MiB, which bounds the resident
     /// memory the index adds (redb's own default is 1 GiB).
     pub meta_cache: usize,
+    /// Open without writing anything, ever (a shared lock; the index opened read-only).
+    /// Puts, tags and collections then fail with [`Error::ReadOnly`]. Default false.
+    pub read_only: bool,
+    /// Bytes of disk kept in a reserve file that the collector gives back first when the
+    /// disk is full, so that a full disk can always be collected (the index needs new
+    /// pages even to delete). Default 64 MiB; 0 keeps none.
+    pub reserve: u64,
 }
 
 impl Default for Options {
@@ -50,6 +57,8 @@ impl Default for Options {
             segment_size: 256 << 20,
             create: true,
             meta_cache: 128 << 20,
+            read_only: false,
+            reserve: 64 << 20,
         }
     }
 }
@@ -83,6 +92,18 @@ impl Options {
     #[must_use]
     pub fn create(mut self, yes: bool) -> Self {
         self.create = yes;
+        self
+    }
+    /// Opens without writing anything (see [`Options::read_only`]).
+    #[must_use]
+    pub fn read_only(mut self, yes: bool) -> Self {
+        self.read_only = yes;
+        self
+    }
+    /// Sets the size of the disk-full reserve (0: none).
+    #[must_use]
+    pub fn reserve(mut self, bytes: u64) -> Self {
+        self.reserve = bytes;
         self
     }
 }
@@ -236,7 +257,7 @@ pub(crate) struct Inner {
     pub ingests: Mutex<HashSet<String>>,
     /// One collection at a time per process.
     pub gc_lock: Mutex<()>,
-    _lock: File,
+    _lock: Box<dyn Send + Sync>,
 }
 
 /// A blob hashed and ready to store.
@@ -279,14 +300,37 @@ impl Hashed<'_> {
     }
 }
 
+/// Whether a root holds blob data: a segment file or a large-blob file.
+fn has_data(backend: &dyn Backend, root: &Path) -> Result<bool> {
+    let io = |e| Error::io("list", root.to_owned(), e);
+    for l in backend.list(&List::Shards).map_err(io)? {
+        let Ok(shard) = l.name.parse::<u32>() else {
+            continue;
+        };
+        if backend
+            .list(&List::Segments(shard))
+            .map_err(io)?
+            .iter()
+            .any(|l| l.key.is_some())
+        {
+            return Ok(true);
+        }
+    }
+    Ok(!backend.list(&List::Large).map_err(io)?.is_empty())
+}
+
 impl Store {
-    /// Opens the store at `root`, creating it if `opts.create` is set.
+    /// Opens the store at `root` (local files), creating it if `opts.create` is set.
     ///
     /// Open does work proportional to the number of segments, never to the number of
-    /// blobs: it cuts uncommitted tails of active segments, removes segment files no
-    /// committed transaction names, and clears `ingest/tmp`.
+    /// blobs, and never removes or shortens blob data: a root whose index is missing,
+    /// empty or older than its data is refused with [`Error::NeedsRepair`].
     pub fn open(root: impl AsRef<Path>, opts: Options) -> Result<Store> {
-        let root = root.as_ref().to_owned();
+        Store::open_with(Arc::new(LocalBackend::new(root.as_ref())), opts)
+    }
+
+    /// Opens the store whose files `backend` holds (see [`Store::open`]).
+    pub fn open_with(backend: Arc<dyn Backend>, opts: Options) -> Result<Store> {
         if opts.shards == 0 || opts.shards > 1024 {
             return Err(Error::Invalid(format!(
                 "shard count {} (must be 1..=1024)",
@@ -296,74 +340,115 @@ impl Store {
         if opts.segment_size < SEGMENT_HEADER_LEN + RECORD_HEADER_LEN {
             return Err(Error::Invalid("segment size too small".into()));
         }
-        let meta_path = root.join("meta.redb");
-        if !meta_path.exists() && !opts.create {
-            return Err(Error::NoStore { path: root });
+        let root = backend
+            .local_root()
+            .map_or_else(|| PathBuf::from(backend.describe()), Path::to_owned);
+        let write = !opts.read_only;
+        let io = |op: &'static str| {
+            let root = root.clone();
+            move |e| Error::io(op, root.clone(), e)
+        };
+        backend.check()?;
+        let witness = backend
+            .read_control(Control::Witness)
+            .map_err(io("read"))?
+            .and_then(|b| crate::meta::decode_witness(&b))
+            .unwrap_or(0);
+        let meta_len = backend.meta_len(MetaFile::Main).map_err(io("stat"))?;
+        if meta_len.is_none_or(|n| n == 0) {
+            // No index: refused before anything is written if there is data it would
+            // have to account for.
+            if witness > 0 || has_data(&*backend, &root)? {
+                return Err(Error::NeedsRepair {
+                    path: root,
+                    reason: "the root holds store data but its index (meta.redb) is missing \
+                             or empty"
+                        .into(),
+                });
+            }
+            if meta_len.is_none() && (!opts.create || !write) {
+                return Err(Error::NoStore { path: root });
+            }
         }
-        sys::create_dir_durable(&root)?;
-        sys::refuse_network_fs(&root)?;
-        let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .ctx("open", &lock_path)?;
-        if !sys::try_lock(&lock, &lock_path)? {
-            return Err(Error::Locked { path: root });
+        if write {
+            backend.prepare(0).map_err(io("create"))?;
         }
-        let meta = Meta::open(&meta_path, &root, opts.meta_cache)?;
-        let shard_count = meta.init(opts.shards)?;
-        if Meta::owes_counts(&*meta.read()?)? {
-            // A collection was cut short between deleting parents and writing their
-            // children's decrements: the edges are the truth.
-            meta.submit(Op::RebuildCounts)?;
+        let mode = if write {
+            LockMode::Exclusive
+        } else {
+            LockMode::Shared
+        };
+        let lock = backend
+            .lock(mode)
+            .map_err(io("lock"))?
+            .ok_or_else(|| Error::Locked { path: root.clone() })?;
+        let meta = Meta::open(&backend, MetaFile::Main, opts.meta_cache, write)?
+            .ok_or_else(|| Error::NoStore { path: root.clone() })?;
+        let shard_count = match meta.status()? {
+            Status::Ready { shards, seq } => {
+                if witness > seq {
+                    return Err(Error::NeedsRepair {
+                        path: root,
+                        reason: format!(
+                            "the index (meta.redb) is older than the data: its newest commit \
+                             is number {seq}, but commit {witness} was made (was an older copy \
+                             of it restored?)"
+                        ),
+                    });
+                }
+                shards
+            }
+            Status::Empty => {
+                if witness > 0 || has_data(&*backend, &root)? {
+                    return Err(Error::NeedsRepair {
+                        path: root,
+                        reason: "the root holds store data but its index (meta.redb) is \
+                                 missing or empty"
+                            .into(),
+                    });
+                }
+                if !write || !opts.create {
+                    return Err(Error::NoStore { path: root });
+                }
+                meta.init(opts.shards, witness)?;
+                opts.shards
+            }
+        };
+        if write {
+            meta.ensure_tables()?;
+            if Meta::owes_counts(&*meta.read()?)? {
+                // A collection was cut short between deleting parents and writing their
+                // children's decrements: the edges are the truth.
+                meta.submit(Op::RebuildCounts)?;
+            }
+            backend.prepare(shard_count).map_err(io("create"))?;
+            // Scratch belongs to writers that are gone; uploads are kept for resume.
+            backend.clear_scratch().map_err(io("clear scratch"))?;
+            if opts.reserve > 0 {
+                backend
+                    .ensure_reserve(opts.reserve)
+                    .map_err(io("reserve"))?;
+            }
         }
-        for dir in ["packs", "large", "ingest", "quarantine"] {
-            sys::create_dir_durable(&root.join(dir))?;
-        }
-        let tmp = root.join("ingest").join("tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).ctx("remove", &tmp)?;
-        }
-        std::fs::create_dir_all(&tmp).ctx("create directory", &tmp)?;
 
+        // Segment files no row names are left alone (an uncommitted batch's, or one whose
+        // index is lost: `repair` can read them); new ids are past every one of them.
         let rows = meta.segments()?;
-        let known: HashSet<u64> = rows.iter().map(|(id, _)| *id).collect();
-        let mut next_segment = known.iter().max().map_or(1, |m| m + 1);
+        let mut next_segment = rows.iter().map(|(id, _)| id + 1).max().unwrap_or(1);
         for shard in 0..shard_count {
-            let dir = crate::blobs::shard_dir(&root, shard);
-            sys::create_dir_durable(&dir)?;
-            // Segment files no committed transaction names hold only uncommitted bytes.
-            let mut removed = false;
-            for ent in std::fs::read_dir(&dir).ctx("list", &dir)? {
-                let ent = ent.ctx("list", &dir)?;
-                let name = ent.file_name();
-                let id = name
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("pack-"))
-                    .and_then(|n| n.strip_suffix(".pack"))
-                    .and_then(|n| u64::from_str_radix(n, 16).ok());
-                if let Some(id) = id {
+            for l in backend.list(&List::Segments(shard)).map_err(io("list"))? {
+                if let Some(Key::Segment { id, .. }) = l.key {
                     next_segment = next_segment.max(id + 1);
-                    if !known.contains(&id) {
-                        std::fs::remove_file(ent.path()).ctx("remove", &ent.path())?;
-                        removed = true;
-                    }
                 }
             }
-            if removed {
-                sys::sync_dir(&dir)?;
-            }
         }
-        let files = Files::new(&root, opts.segment_size, next_segment);
+        let files = Files::new(backend, opts.segment_size, next_segment);
 
         let mut writers: Vec<ShardWriter> = (0..shard_count)
             .map(|shard| ShardWriter {
                 shard,
                 active: None,
-                dir_dirty: false,
+                created: Vec::new(),
             })
             .collect();
         let mut to_seal = Vec::new();
@@ -373,16 +458,30 @@ impl Store {
             let w = writers
                 .get_mut(row.shard as usize)
                 .ok_or_else(|| Error::Corrupt(format!("segment {id} in shard {}", row.shard)))?;
-            if !row.sealed && w.active.is_none() {
-                let path = files.segment_path(row.shard, *id);
-                w.active = Some(Active::reopen(*id, path, row.committed_len)?);
-                files.add_view(*id, row.shard, None);
+            if write && !row.sealed && w.active.is_none() {
+                match files.reopen_active(row.shard, *id, row.committed_len) {
+                    Ok(a) => {
+                        w.active = Some(a);
+                        files.add_view(*id, row.shard, None);
+                    }
+                    // Missing, short or with a bad header: it takes no appends, and the
+                    // rest of the store stays usable. Its records read as far as they are
+                    // there (the rest are `Corrupt`), and `verify` names them.
+                    Err(Error::Corrupt(_)) => {
+                        to_seal.push(*id);
+                        files.add_view(*id, row.shard, Some(row.committed_len));
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else if row.sealed {
+                files.add_view(*id, row.shard, Some(row.committed_len));
             } else {
-                if !row.sealed {
-                    // An older unsealed segment (its shard moved on after a write failure).
+                // An older unsealed segment (its shard moved on after a write failure), or
+                // any unsealed one of a read-only open: read with positioned reads.
+                if write {
                     to_seal.push(*id);
                 }
-                files.add_view(*id, row.shard, Some(row.committed_len));
+                files.add_view(*id, row.shard, None);
             }
         }
         if !to_seal.is_empty() {
@@ -457,19 +556,15 @@ impl Store {
         kind: Kind,
     ) -> Result<Descriptor> {
         let files = &self.inner.files;
-        let tmp = files.tmp_path();
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .ctx("create", &tmp)?;
-        // Writeback starts while hashing goes on: every 16 MiB a helper thread fdatasyncs
-        // what is written so far, so the final fsync finds little left to do.
+        let st = files.stage("put")?;
+        let handle = st.handle.clone();
+        // Writeback starts while hashing goes on: every 16 MiB a helper thread syncs what
+        // is written so far, so the final sync finds little left to do.
         let (kick, kicks) = std::sync::mpsc::sync_channel::<()>(1);
-        let flusher_file = file.try_clone().ctx("dup", &tmp)?;
+        let flusher_handle = handle.clone();
         let flusher = std::thread::spawn(move || {
             while kicks.recv().is_ok() {
-                let _ = flusher_file.sync_data();
+                let _ = flusher_handle.sync();
             }
         });
         let written = (|| {
@@ -478,10 +573,10 @@ impl Store {
             for (i, chunk) in data.chunks(1 << 20).enumerate() {
                 let (w, ()) = h.update_overlapped(
                     chunk,
-                    || std::os::unix::fs::FileExt::write_all_at(&file, chunk, at),
+                    || crate::backend::write_all_at(&*handle, chunk, at),
                     || (),
                 );
-                w.ctx("write", &tmp)?;
+                w.map_err(|e| files.io("write", &st.key, e))?;
                 at += chunk.len() as u64;
                 if i % 16 == 15 {
                     let _ = kick.try_send(());
@@ -498,15 +593,42 @@ impl Store {
                 raw_len: data.len() as u64,
                 blake3,
             };
-            std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0)
-                .ctx("write", &tmp)?;
+            crate::backend::write_all_at(&*handle, &header.encode(), 0)
+                .map_err(|e| files.io("write", &st.key, e))?;
             Ok((digest, blake3))
         })();
         let _ = flusher.join();
+        let discard = || {
+            let _ = files.backend.remove(&st.key);
+        };
         let (digest, blake3) = match written {
             Ok(x) => x,
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
+                discard();
+                return Err(e);
+            }
+        };
+        // Stored already (or meanwhile)? Then that copy is refreshed (and leased) in a
+        // write transaction, exactly as a fresh put would be, and ours is dropped; if the
+        // check finds it gone, ours is stored after all.
+        match self.inner.touch_stored(&digest, opts.lease.as_deref()) {
+            Ok(true) => {
+                discard();
+                return Ok(Descriptor {
+                    digest,
+                    size: data.len() as u64,
+                });
+            }
+            Ok(false) => {}
+            Err(e) => {
+                discard();
+                return Err(e);
+            }
+        }
+        let generation = match files.publish(&[(&st.key, &*handle, digest)]) {
+            Ok(g) => g[0],
+            Err(e) => {
+                discard();
                 return Err(e);
             }
         };
@@ -516,27 +638,8 @@ impl Store {
             blake3,
             kind,
         };
-        if self.contains(&digest)? {
-            // Stored meanwhile (or before, without an expected digest to tell us): keep
-            // the stored copy, refresh it.
-            let _ = std::fs::remove_file(&tmp);
-            match &opts.lease {
-                Some(l) => self.lease_add(l, &[digest])?,
-                None => {
-                    self.ensure(&digest)?;
-                }
-            }
-        } else {
-            let generation = match files.install_large(&tmp, &file, &digest) {
-                Ok(g) => g,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(e);
-                }
-            };
-            self.inner
-                .commit_large(&item, data.len() as u64, generation, opts.lease.clone())?;
-        }
+        self.inner
+            .commit_large(&item, data.len() as u64, generation, opts.lease.clone())?;
         Ok(Descriptor {
             digest,
             size: data.len() as u64,
@@ -675,11 +778,7 @@ impl Store {
         if !self.contains(d)? {
             return Ok(false);
         }
-        self.inner.meta.submit(Op::Put(PutOp {
-            touch: vec![*d],
-            ..PutOp::default()
-        }))?;
-        self.contains(d)
+        self.inner.touch_stored(d, None)
     }
 
     /// Every blob in digest order. Each page of the scan runs in a fresh read snapshot.
@@ -773,6 +872,18 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Takes one shard's append lock, waiting for it.
+    pub(crate) fn lock_shard(&self, shard: u32) -> MutexGuard<'_, ShardWriter> {
+        self.shards[shard as usize]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The store's shard count.
+    pub(crate) fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
     /// Stores hashed blobs in one batch (see [`Batch`]).
     pub fn store_hashed(&self, items: &[Hashed<'_>], opts: &PutOptions) -> Result<()> {
         let mut batch = Batch::new(self);
@@ -811,6 +922,19 @@ impl Inner {
         ))
     }
 
+    /// The dedupe check every put path makes before skipping its own copy: in one write
+    /// transaction, refreshes `d`'s touch time and adds it to `lease` (exactly what storing
+    /// it would do). `Ok(false)`: it is not stored (never was, or a collector deleted it
+    /// since the caller looked), and the caller must store its bytes.
+    pub(crate) fn touch_stored(&self, d: &Digest, lease: Option<&str>) -> Result<bool> {
+        let o = self.meta.submit(Op::Put(PutOp {
+            touch: vec![*d],
+            lease: lease.map(str::to_owned),
+            ..PutOp::default()
+        }))?;
+        Ok(o.missing.is_empty())
+    }
+
     /// Commits a large blob whose record file is already installed under `generation`.
     /// Returns whether it was new (false: the digest was stored meanwhile; the file was
     /// removed).
@@ -824,7 +948,6 @@ impl Inner {
         let mut nb = new_blob(it, Location::Large { generation }, &Graph::default());
         nb.entry.size = size;
         nb.entry.stored_len = size;
-        let path = self.files.large_path(&it.digest, generation);
         let r = match self.meta.submit(Op::Put(PutOp {
             blobs: vec![nb],
             lease,
@@ -832,14 +955,19 @@ impl Inner {
         })) {
             Ok(o) if o.lost.is_empty() => Ok(true),
             Ok(_) => {
-                let _ = std::fs::remove_file(path);
+                // A concurrent put of the same bytes won: ours is dead.
+                self.files.remove_large(&it.digest, generation);
                 Ok(false)
             }
             // The commit may have reached the disk: leave the file (an orphan at worst),
             // and in flight for the life of this process, so that no orphan pass removes
             // a file the index may name.
             Err(e) if !e.is_refusal() => return Err(e),
-            Err(e) => Err(e),
+            // Refused inside the transaction: certainly not indexed.
+            Err(e) => {
+                self.files.remove_large(&it.digest, generation);
+                Err(e)
+            }
         };
         self.files.settled(&it.digest, generation);
         r
@@ -1037,7 +1165,7 @@ impl<'a> Batch<'a> {
             return Err(Error::Invalid("add_installed takes large blobs".into()));
         };
         if !self.seen.insert(it.digest) {
-            let _ = std::fs::remove_file(self.inner.files.large_path(&it.digest, generation));
+            self.inner.files.remove_large(&it.digest, generation);
             self.inner.files.settled(&it.digest, generation);
             return Ok(());
         }
@@ -1059,7 +1187,7 @@ impl<'a> Batch<'a> {
     pub fn commit(mut self) -> Result<Committed> {
         let inner = self.inner;
         let finish = match self.shard.as_deref_mut() {
-            Some(w) => inner.files.finish_batch(w)?,
+            Some(w) => inner.files.finish_batch(w),
             None => None,
         };
         let (job, segments) = match finish {
@@ -1109,7 +1237,7 @@ impl<'a> Batch<'a> {
                     // large files go now, and the shard rewinds (the next append
                     // overwrites the records) instead of retiring its segment.
                     for (d, g) in large {
-                        let _ = std::fs::remove_file(inner.files.large_path(&d, g));
+                        inner.files.remove_large(&d, g);
                     }
                     if let Some(w) = self.shard.as_deref_mut() {
                         Files::rewind(w);
@@ -1126,7 +1254,7 @@ impl<'a> Batch<'a> {
         // Large copies that lost a race with a concurrent put of the same digest are dead.
         for i in committed.lost {
             if let Some((d, Location::Large { generation })) = locations.get(i) {
-                let _ = std::fs::remove_file(inner.files.large_path(d, *generation));
+                inner.files.remove_large(d, *generation);
             }
         }
         Ok(Committed {
@@ -1146,7 +1274,7 @@ impl Drop for Batch<'_> {
         // Not committed: installed large files are orphans, and the shard's active segment
         // may hold a failed write or an fsync error: it takes no more appends.
         for (d, g) in self.large.drain(..) {
-            let _ = std::fs::remove_file(self.inner.files.large_path(&d, g));
+            self.inner.files.remove_large(&d, g);
             self.inner.files.settled(&d, g);
         }
         if self.appended
@@ -1189,7 +1317,8 @@ pub struct Snapshot<'s> {
 }
 
 impl Snapshot<'_> {
-    fn entry(&self, d: &Digest) -> Result<Option<BlobEntry>> {
+    /// The index entry of a blob in this snapshot.
+    pub(crate) fn entry(&self, d: &Digest) -> Result<Option<BlobEntry>> {
         redb::ReadableTable::get(&self.blobs, &*d.key())?
             .map(|v| BlobEntry::decode(v.value()))
             .transpose()
@@ -1208,7 +1337,7 @@ impl Snapshot<'_> {
             Location::Packed { segment, offset } => {
                 files.read_packed(segment, offset, e.stored_len)
             }
-            Location::Large { generation } => files.read_large(d, generation, e.stored_len),
+            Location::Large { generation } => files.read_large(d, generation, e.stored_len, false),
         }
     }
 }

@@ -1,26 +1,26 @@
-//! Thin, safe wrappers over the file-system calls the store's durability rests on:
-//! directory fsync, `RENAME_NOREPLACE`, the store lock, and the network-file-system check.
+//! Thin, safe wrappers over the file-system calls the local backend's durability rests
+//! on: directory fsync, `RENAME_NOREPLACE`, and the network-file-system check.
 //!
-//! This module owns no state. Every function maps OS errors to [`Error::Io`] with the
-//! path concerned, and none retries an fsync (after a failed fsync the kernel may have
-//! dropped the dirty pages, so a retry can report success over lost data).
+//! This module owns no state, and none of its functions retries an fsync (after a failed
+//! fsync the kernel may have dropped the dirty pages, so a retry can report success over
+//! lost data).
 
 use std::fs::File;
+use std::io;
 use std::path::Path;
 
-use rustix::fs::{CWD, FlockOperation, RenameFlags};
+use rustix::fs::{CWD, RenameFlags};
 
 use crate::error::{Error, IoContext, Result};
 
-/// fsyncs a directory so that entries created or renamed in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    let f = File::open(dir).ctx("open directory", dir)?;
-    f.sync_all().ctx("fsync directory", dir)
+/// fsyncs a directory so that entries created, renamed or removed in it are durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// Creates `dir` (and missing parents) and fsyncs the parent of each directory it created,
 /// so the new entries survive a crash. Returns whether anything was created.
-pub fn create_dir_durable(dir: &Path) -> Result<bool> {
+pub fn create_dir_durable(dir: &Path) -> io::Result<bool> {
     if dir.is_dir() {
         return Ok(false);
     }
@@ -29,8 +29,8 @@ pub fn create_dir_durable(dir: &Path) -> Result<bool> {
     }
     match std::fs::create_dir(dir) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-        Err(e) => return Err(Error::io("create directory", dir, e)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
     }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
     sync_dir(parent.unwrap_or(Path::new(".")))?;
@@ -38,18 +38,8 @@ pub fn create_dir_durable(dir: &Path) -> Result<bool> {
 }
 
 /// Renames `from` to `to`, failing with `AlreadyExists` instead of replacing `to`.
-pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     rustix::fs::renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE).map_err(Into::into)
-}
-
-/// Takes the exclusive, non-blocking advisory lock on `file`. `Ok(false)` means another
-/// open file description (another process, or another handle here) holds it.
-pub fn try_lock(file: &File, path: &Path) -> Result<bool> {
-    match rustix::fs::flock(file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(true),
-        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Ok(false),
-        Err(e) => Err(Error::io("lock", path, e.into())),
-    }
 }
 
 /// Fails when `path` is on a network file system, where flock and mmap are unsafe.
@@ -82,5 +72,11 @@ pub fn refuse_network_fs(path: &Path) -> Result<()> {
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A duration in whole milliseconds, saturating (a `--grace` of centuries is "forever",
+/// never a wrapped small number).
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -1159,9 +1159,19 @@ fn compaction_reclaims_dead_segments_under_live_readers() {
     // And a read snapshot opened before the compaction, still pointing at the old records.
     let snap = store.snapshot().expect("snapshot");
 
+    // An active segment that is still mostly dead once the sealed ones' live records were
+    // copied is compacted too (sealed first): it may join the expected ones.
+    let active_candidates: BTreeSet<PathBuf> = packs_before
+        .iter()
+        .filter(|(p, len)| {
+            let body = *len - SEGMENT_HEADER;
+            let dead = body - live.get(&common::segment_id(p)).copied().unwrap_or(0);
+            newest.contains(*p) && dead > 0 && 2 * dead >= body
+        })
+        .map(|(p, _)| p.clone())
+        .collect();
     let r = gc0(&store);
     assert_eq!(r.removed_blobs, 0);
-    assert_eq!(r.segments_compacted, expect_compacted.len() as u64);
     assert!(r.compacted_bytes > 0);
     let packs_after = common::pack_files(&root);
     let vanished: BTreeSet<PathBuf> = packs_before
@@ -1169,16 +1179,24 @@ fn compaction_reclaims_dead_segments_under_live_readers() {
         .filter(|p| !packs_after.contains_key(*p))
         .cloned()
         .collect();
-    assert_eq!(
-        vanished, expect_compacted,
-        "exactly the compacted segment files are unlinked"
+    assert_eq!(r.segments_compacted, vanished.len() as u64);
+    assert!(
+        vanished.is_superset(&expect_compacted),
+        "every mostly-dead sealed segment is compacted: {vanished:?}"
+    );
+    assert!(
+        vanished
+            .difference(&expect_compacted)
+            .all(|p| active_candidates.contains(p)),
+        "exactly the compacted segment files are unlinked: {vanished:?}"
     );
     let info = store.info().expect("info");
     assert!(info.dead_bytes < dead_before);
-    assert_eq!(
-        info.dead_bytes, dead_left,
-        "dead bytes of the uncompacted segments remain"
+    assert!(
+        info.dead_bytes <= dead_left,
+        "dead bytes of the uncompacted segments remain, at most"
     );
+    let dead_left = info.dead_bytes;
     assert!(
         packs_after.values().sum::<u64>() < packs_before.values().sum::<u64>(),
         "segment files shrank on disk"
@@ -2227,7 +2245,7 @@ fn collections_racing_a_writer_leave_exact_counts_and_complete_images() {
     let graph: Vec<_> = report
         .problems
         .iter()
-        .filter(|p| ["refcount", "holds", "missing-child"].contains(&p.kind))
+        .filter(|p| ["refcount", "holds", "missing-child"].contains(&p.kind.name()))
         .collect();
     assert!(graph.is_empty(), "{graph:?}");
     // Exactly the named images (and nothing else) are left.
