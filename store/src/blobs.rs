@@ -169,6 +169,8 @@ pub(crate) struct Staged {
 /// The blob files of a store and the read-side segment table.
 pub(crate) struct Files {
     pub backend: Arc<dyn Backend>,
+    /// Opened read-only: nothing may be created, renamed or removed.
+    read_only: bool,
     segment_size: u64,
     views: RwLock<HashMap<u64, Arc<SegView>>>,
     next_segment: AtomicU64,
@@ -183,9 +185,15 @@ pub(crate) struct Files {
 }
 
 impl Files {
-    pub fn new(backend: Arc<dyn Backend>, segment_size: u64, next_segment: u64) -> Files {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        read_only: bool,
+        segment_size: u64,
+        next_segment: u64,
+    ) -> Files {
         Files {
             backend,
+            read_only,
             segment_size,
             views: RwLock::new(HashMap::new()),
             next_segment: AtomicU64::new(next_segment),
@@ -196,6 +204,15 @@ impl Files {
             tmp_seq: AtomicU64::new(0),
             in_flight: Mutex::new(HashSet::new()),
             retired: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Refuses a write to a store opened read-only.
+    pub fn writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
         }
     }
 
@@ -420,6 +437,7 @@ impl Files {
     /// Retires a compacted segment: keeps its read view alive for readers that still hold
     /// an older snapshot (the mapping outlives the object), then removes it durably.
     pub fn retire_segment(&self, shard: u32, id: u64, len: u64, epoch: u64) -> Result<()> {
+        self.writable()?;
         if let Some(v) = self.views().get(&id).cloned() {
             let _ = v.sealed_len.set(len);
             // Map it now, while it still has a name.
@@ -500,6 +518,7 @@ impl Files {
 
     /// Creates a new segment for `shard` (durable only after the batch's syncs).
     fn create_segment(&self, shard: u32) -> Result<Active> {
+        self.writable()?;
         let id = self.next_segment.fetch_add(1, Ordering::Relaxed);
         let key = Key::Segment { shard, id };
         let handle = self
@@ -666,6 +685,7 @@ impl Files {
 
     /// A fresh scratch object, named after `what` (`put`, `import-3-blob`, ...).
     pub fn stage(&self, what: &str) -> Result<Staged> {
+        self.writable()?;
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         let key = Key::Scratch(format!("{what}-{}-{n}", std::process::id()));
         let handle = self
@@ -704,6 +724,7 @@ impl Files {
     /// Each published file is *in flight* (see [`Files::in_flight`]) until its publisher
     /// calls [`Files::settled`], after the commit that indexes it (or gives up).
     pub fn publish(&self, items: &[(&Key, &dyn Handle, Digest)]) -> Result<Vec<u64>> {
+        self.writable()?;
         let mut done: Vec<Key> = Vec::with_capacity(items.len());
         let r = (|| {
             let mut gens = Vec::with_capacity(items.len());

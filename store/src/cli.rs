@@ -339,7 +339,8 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                     out,
                     "root:            {}\nblobs:           {}\nbytes:           {}\n\
                      large blobs:     {} ({} bytes)\nshards:          {}\n\
-                     segments:        {} ({} sealed)\nlive bytes:      {}\ndead bytes:      {}",
+                     segments:        {} ({} sealed)\nlive bytes:      {}\ndead bytes:      {}\n\
+                     in progress:     {} ingest(s) ({} bytes)",
                     info.root.display(),
                     info.blobs,
                     info.bytes,
@@ -349,7 +350,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                     info.segments,
                     info.sealed_segments,
                     info.live_bytes,
-                    info.dead_bytes
+                    info.dead_bytes,
+                    info.ingests,
+                    info.ingest_bytes
                 )
                 .map_err(stdout_err)?;
             }

@@ -96,6 +96,7 @@ impl Store {
                 "ingest ref must be 1..={MAX_REF_LEN} bytes"
             )));
         }
+        self.inner.files.writable()?;
         if !self.busy_refs().insert(r#ref.to_owned()) {
             return Err(Error::IngestBusy(r#ref.to_owned()));
         }
@@ -163,6 +164,7 @@ impl Store {
     /// Discards a suspended ingest. One that a live [`Ingest`] of this process is writing
     /// is refused with [`Error::IngestBusy`]: nothing is removed under a writer.
     pub fn abort_ingest(&self, r#ref: &str) -> Result<()> {
+        self.inner.files.writable()?;
         if !self.busy_refs().insert(r#ref.to_owned()) {
             return Err(Error::IngestBusy(r#ref.to_owned()));
         }

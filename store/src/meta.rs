@@ -1223,14 +1223,16 @@ impl<'t> Tx<'t> {
             return Ok(Err(Error::LeaseNotFound(l.clone())));
         }
         for (_, target) in &p.names {
-            let known = p
-                .blobs
-                .iter()
-                .find(|b| b.digest == *target)
-                .map(|b| b.entry.kind);
-            let ok = match known {
-                Some(k) => Ok(matches!(k, Kind::Manifest | Kind::Index)),
-                None => self.require_image(target)?.map(|()| true),
+            // A target this op stores has the kind the op gives it; so does one it stores
+            // again as a manifest or index, if it is still stored.
+            let new = p.blobs.iter().find(|b| b.digest == *target);
+            let again = p.upgrade.iter().find(|b| b.digest == *target);
+            let ok = match (new, again) {
+                (Some(b), _) => Ok(matches!(b.entry.kind, Kind::Manifest | Kind::Index)),
+                (None, Some(b)) if self.blobs.get(&*target.key())?.is_some() => {
+                    Ok(matches!(b.entry.kind, Kind::Manifest | Kind::Index))
+                }
+                _ => self.require_image(target)?.map(|()| true),
             };
             match ok {
                 Ok(true) => {}

@@ -179,7 +179,7 @@ impl Store {
         let rec = LeaseRecord {
             id: new_id("lease")[..16].to_owned(),
             created_ms: now,
-            expires_ms: expire.map(|d| now.saturating_add(d.as_millis() as u64)),
+            expires_ms: expire.map(|d| now.saturating_add(crate::sys::millis(d))),
         };
         self.inner.meta.submit(Op::LeaseCreate(rec.clone()))?;
         Ok(rec)

@@ -105,7 +105,7 @@ pub fn rebuild_index_with(backend: Arc<dyn Backend>) -> Result<RebuildReport> {
         .lock(LockMode::Exclusive)
         .map_err(io("lock"))?
         .ok_or_else(|| Error::Locked { path: root.clone() })?;
-    let files = Files::new(backend.clone(), Options::default().segment_size, 0);
+    let files = Files::new(backend.clone(), false, Options::default().segment_size, 0);
 
     // Read everything before the new index is written.
     let mut found: HashMap<Digest, Found> = HashMap::new();

@@ -235,6 +235,12 @@ pub struct Info {
     pub live_bytes: u64,
     /// Bytes of dead records in segments, reclaimable by compaction.
     pub dead_bytes: u64,
+    /// In-progress uploads (resumable ingests) and scratch objects (large puts, imports
+    /// and unnamed ingests running now, or left by a killed process until the next
+    /// writable open).
+    pub ingests: u64,
+    /// Their bytes.
+    pub ingest_bytes: u64,
 }
 
 /// A content-addressed blob store rooted at one directory.
@@ -442,7 +448,7 @@ impl Store {
                 }
             }
         }
-        let files = Files::new(backend, opts.segment_size, next_segment);
+        let files = Files::new(backend, !write, opts.segment_size, next_segment);
 
         let mut writers: Vec<ShardWriter> = (0..shard_count)
             .map(|shard| ShardWriter {
@@ -801,6 +807,28 @@ impl Store {
             large_bytes,
         } = self.inner.meta.counters()?;
         let rows = self.inner.meta.segments()?;
+        let backend = &self.inner.files.backend;
+        let (mut ingests, mut ingest_bytes) = (0u64, 0u64);
+        for what in [List::Uploads, List::Scratch] {
+            for l in backend
+                .list(&what)
+                .map_err(|e| Error::io("list", self.inner.root.clone(), e))?
+            {
+                if matches!(
+                    l.key,
+                    Some(
+                        Key::Scratch(_)
+                            | Key::Upload {
+                                part: crate::backend::UploadPart::Data,
+                                ..
+                            }
+                    )
+                ) {
+                    ingests += 1;
+                    ingest_bytes += l.len.unwrap_or(0);
+                }
+            }
+        }
         let (mut packed, mut dead, mut sealed) = (0u64, 0u64, 0u64);
         for (_, r) in &rows {
             packed += r.committed_len.saturating_sub(SEGMENT_HEADER_LEN);
@@ -818,6 +846,8 @@ impl Store {
             sealed_segments: sealed,
             live_bytes: packed.saturating_sub(dead) + large_bytes + large_blobs * RECORD_HEADER_LEN,
             dead_bytes: dead,
+            ingests,
+            ingest_bytes,
         })
     }
 }

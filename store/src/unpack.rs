@@ -12,7 +12,6 @@
 //! `diff_id` is checked as it streams. The tree is built in a temporary sibling and
 //! renamed into place, so a failure leaves no half-made directory.
 
-use std::collections::HashSet;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -176,21 +175,82 @@ impl LayerReader {
     }
 }
 
+/// Paths as a tree of components: memory linear in the distinct components, and a
+/// lookup costs the path's length (a set of whole paths costs the square of the depth).
+#[derive(Default)]
+struct Trie {
+    /// Node 0 is the root; each node's children by component.
+    nodes: Vec<std::collections::HashMap<Box<str>, u32>>,
+    /// A directory's mtime, by node (directory entries only).
+    times: std::collections::HashMap<u32, i64>,
+}
+
+impl Trie {
+    fn new() -> Trie {
+        Trie {
+            nodes: vec![std::collections::HashMap::new()],
+            times: std::collections::HashMap::new(),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Trie::new();
+    }
+
+    /// Adds `path` (and so every prefix of it); returns its node.
+    fn insert(&mut self, path: &[String]) -> u32 {
+        let mut n = 0u32;
+        for c in path {
+            let next = self.nodes.len() as u32;
+            n = if let Some(&m) = self.nodes[n as usize].get(c.as_str()) {
+                m
+            } else {
+                self.nodes[n as usize].insert(c.as_str().into(), next);
+                self.nodes.push(std::collections::HashMap::new());
+                next
+            };
+        }
+        n
+    }
+
+    fn child(&self, n: u32, name: &str) -> Option<u32> {
+        self.nodes[n as usize].get(name).copied()
+    }
+
+    /// The node of `path`, if it was inserted (or is a prefix of one that was).
+    fn find(&self, path: &[String]) -> Option<u32> {
+        path.iter().try_fold(0u32, |n, c| self.child(n, c))
+    }
+}
+
 /// The tree being built, addressed only through directory file descriptors.
 struct Tree {
     root: OwnedFd,
     root_path: PathBuf,
     as_root: bool,
-    /// Directories and their mtimes, applied last (children change them).
-    dir_times: Vec<(Vec<String>, i64)>,
+    /// Every directory entry of every layer, with its mtime, applied last (children
+    /// change a directory's mtime).
+    dirs: Trie,
     /// Paths created by the current layer (an opaque marker spares them).
-    this_layer: HashSet<Vec<String>>,
+    this_layer: Trie,
+    /// The directory the last entry went into, kept open: archives list a directory's
+    /// entries together, so most entries need no walk from the root.
+    last_dir: Option<(Vec<String>, OwnedFd)>,
     report: UnpackReport,
 }
 
 fn io_at(op: &'static str, path: &[String], e: impl Into<std::io::Error>) -> Error {
-    Error::io(op, path.join("/"), e.into())
+    Error::io(op, printable(&path.join("/")), e.into())
 }
+
+fn printable(s: &str) -> String {
+    crate::verify::printable(s)
+}
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
 
 impl Tree {
     /// A fresh descriptor of the root directory.
@@ -206,16 +266,22 @@ impl Tree {
 
     /// Opens (creating as needed) the directory `dirs` beneath the root without following
     /// any symlink; a non-directory in the way is replaced by a directory.
-    fn dir(&self, dirs: &[String]) -> Result<OwnedFd> {
-        let mut fd = self.open_root()?;
-        for (i, c) in dirs.iter().enumerate() {
-            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            fd = match rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty()) {
+    fn dir(&mut self, dirs: &[String]) -> Result<OwnedFd> {
+        // Start from the last directory when it is on the way.
+        let (mut fd, done) = match &self.last_dir {
+            Some((p, fd)) if dirs.starts_with(p) => (
+                rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|e| io_at("dup", p, e))?,
+                p.len(),
+            ),
+            _ => (self.open_root()?, 0),
+        };
+        for (i, c) in dirs.iter().enumerate().skip(done) {
+            fd = match rustix::fs::openat(&fd, c.as_str(), DIR_FLAGS, Mode::empty()) {
                 Ok(next) => next,
                 Err(e) if e == rustix::io::Errno::NOENT => {
                     rustix::fs::mkdirat(&fd, c.as_str(), Mode::from_raw_mode(0o755))
                         .map_err(|e| io_at("mkdir", &dirs[..=i], e))?;
-                    rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty())
+                    rustix::fs::openat(&fd, c.as_str(), DIR_FLAGS, Mode::empty())
                         .map_err(|e| io_at("open", &dirs[..=i], e))?
                 }
                 // A symlink (ELOOP) or a file (ENOTDIR) where a directory must be: replace it.
@@ -223,12 +289,14 @@ impl Tree {
                     remove_at(&fd, c)?;
                     rustix::fs::mkdirat(&fd, c.as_str(), Mode::from_raw_mode(0o755))
                         .map_err(|e| io_at("mkdir", &dirs[..=i], e))?;
-                    rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty())
+                    rustix::fs::openat(&fd, c.as_str(), DIR_FLAGS, Mode::empty())
                         .map_err(|e| io_at("open", &dirs[..=i], e))?
                 }
                 Err(e) => return Err(io_at("open", &dirs[..=i], e)),
             };
         }
+        let keep = rustix::io::fcntl_dupfd_cloexec(&fd, 0).map_err(|e| io_at("dup", dirs, e))?;
+        self.last_dir = Some((dirs.to_vec(), keep));
         Ok(fd)
     }
 
@@ -236,61 +304,98 @@ impl Tree {
     fn existing_dir(&self, dirs: &[String]) -> Result<OwnedFd> {
         let mut fd = self.open_root()?;
         for (i, c) in dirs.iter().enumerate() {
-            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            fd = rustix::fs::openat(&fd, c.as_str(), flags, Mode::empty()).map_err(|e| {
+            fd = rustix::fs::openat(&fd, c.as_str(), DIR_FLAGS, Mode::empty()).map_err(|e| {
                 bad(format!(
                     "hardlink target directory {} is not a directory inside the root: {e}",
-                    dirs[..=i].join("/")
+                    printable(&dirs[..=i].join("/"))
                 ))
             })?;
         }
         Ok(fd)
     }
 
+    /// Anything removed may be the kept directory or one above it.
+    fn forget_last_dir(&mut self) {
+        self.last_dir = None;
+    }
+
     fn apply<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<()> {
-        let raw = entry.path().map_err(|e| bad(format!("entry path: {e}")))?;
+        let raw = entry
+            .path()
+            .map_err(|e| bad(format!("entry path: {}", printable(&e.to_string()))))?;
         let path = components(&raw.to_string_lossy())?;
-        let Some((name, dirs)) = path.split_last() else {
-            return Ok(()); // the root itself
-        };
         let header = entry.header().clone();
         let ty = header.entry_type();
+        let mode = Mode::from_raw_mode(header.mode().unwrap_or(0o644) & 0o7777);
+        let mtime = i64::try_from(header.mtime().unwrap_or(0)).unwrap_or(i64::MAX);
+        let id = |what: &str, v: std::io::Result<u64>| -> Result<u32> {
+            let v = v.unwrap_or(0);
+            // u32::MAX is "no change" to chown: an id that large is never a real one.
+            u32::try_from(v)
+                .ok()
+                .filter(|&v| v != u32::MAX)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "layer entry {} has {what} {v}, larger than a Linux id",
+                        printable(&path.join("/"))
+                    ))
+                })
+        };
+        let (uid, gid) = (id("uid", header.uid())?, id("gid", header.gid())?);
+        let Some((name, dirs)) = path.split_last() else {
+            // The layer's `./`: the root's own mode, owner and time (as umoci applies them).
+            if ty != tar::EntryType::Directory {
+                return Err(bad("a layer's root entry `./` is not a directory"));
+            }
+            let root = self.open_root()?;
+            self.own(&root, uid, gid, &path)?;
+            rustix::fs::fchmod(&root, mode).map_err(|e| io_at("chmod", &path, e))?;
+            self.xattrs(&mut entry, &root);
+            self.dirs.times.insert(0, mtime);
+            self.report.entries += 1;
+            return Ok(());
+        };
         // Whiteouts.
         if let Some(hidden) = name.strip_prefix(".wh.") {
             let parent = self.dir(dirs)?;
+            self.forget_last_dir();
             if hidden == ".wh..opq" {
                 // Opaque: every lower child goes; what this layer put there stays.
-                self.prune_lower(&parent, dirs)?;
+                let node = self.this_layer.find(dirs);
+                self.prune(parent, node)?;
             } else {
                 if hidden.is_empty() || hidden == "." || hidden == ".." {
                     return Err(bad(format!(
                         "layer entry {:?} is not a valid whiteout",
-                        path.join("/")
+                        printable(&path.join("/"))
                     )));
                 }
                 // A whiteout hides lower layers only, never its own layer's entries.
                 let mut p = dirs.to_vec();
                 p.push(hidden.to_owned());
-                if self.this_layer.contains(&p) {
-                    self.prune_lower_at(&parent, &p, hidden)?;
-                } else {
-                    remove_at(&parent, hidden)?;
+                match self.this_layer.find(&p) {
+                    Some(node) => {
+                        if let Ok(sub) =
+                            rustix::fs::openat(&parent, hidden, DIR_FLAGS, Mode::empty())
+                        {
+                            self.prune(sub, Some(node))?;
+                        }
+                    }
+                    None => remove_at(&parent, hidden)?,
                 }
             }
             self.report.entries += 1;
             return Ok(());
         }
         let parent = self.dir(dirs)?;
-        let mode = Mode::from_raw_mode(header.mode().unwrap_or(0o644) & 0o7777);
-        let mtime = i64::try_from(header.mtime().unwrap_or(0)).unwrap_or(i64::MAX);
-        let (uid, gid) = (
-            header.uid().unwrap_or(0) as u32,
-            header.gid().unwrap_or(0) as u32,
-        );
         let exists = rustix::fs::statat(&parent, name.as_str(), AtFlags::SYMLINK_NOFOLLOW).ok();
         let is_dir = |st: &rustix::fs::Stat| {
             rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
         };
+        // Replacing what is there may remove a directory below the kept one.
+        if exists.is_some() {
+            self.forget_last_dir();
+        }
         match ty {
             tar::EntryType::Directory => {
                 match &exists {
@@ -301,17 +406,13 @@ impl Tree {
                     }
                     None => mkdir(&parent, name, &path)?,
                 }
-                let fd = rustix::fs::openat(
-                    &parent,
-                    name.as_str(),
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| io_at("open", &path, e))?;
+                let fd = rustix::fs::openat(&parent, name.as_str(), DIR_FLAGS, Mode::empty())
+                    .map_err(|e| io_at("open", &path, e))?;
                 self.own(&fd, uid, gid, &path)?;
                 rustix::fs::fchmod(&fd, mode).map_err(|e| io_at("chmod", &path, e))?;
                 self.xattrs(&mut entry, &fd);
-                self.dir_times.push((path.clone(), mtime));
+                let node = self.dirs.insert(&path);
+                self.dirs.times.insert(node, mtime);
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 if exists.is_some() {
@@ -339,8 +440,13 @@ impl Tree {
             tar::EntryType::Symlink => {
                 let target = entry
                     .link_name()
-                    .map_err(|e| bad(format!("symlink target: {e}")))?
-                    .ok_or_else(|| bad(format!("symlink {} has no target", path.join("/"))))?;
+                    .map_err(|e| bad(format!("symlink target: {}", printable(&e.to_string()))))?
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "symlink {} has no target",
+                            printable(&path.join("/"))
+                        ))
+                    })?;
                 if exists.is_some() {
                     remove_at(&parent, name)?;
                 }
@@ -353,29 +459,39 @@ impl Tree {
             tar::EntryType::Link => {
                 let target = entry
                     .link_name()
-                    .map_err(|e| bad(format!("hardlink target: {e}")))?
-                    .ok_or_else(|| bad(format!("hardlink {} has no target", path.join("/"))))?;
+                    .map_err(|e| bad(format!("hardlink target: {}", printable(&e.to_string()))))?
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "hardlink {} has no target",
+                            printable(&path.join("/"))
+                        ))
+                    })?;
                 let tpath = components(&target.to_string_lossy())?;
+                if tpath == path {
+                    // GNU tar and umoci refuse it too: the file would silently be absent.
+                    return Err(bad(format!(
+                        "hardlink {} points at itself",
+                        printable(&path.join("/"))
+                    )));
+                }
                 let Some((tname, tdirs)) = tpath.split_last() else {
                     return Err(bad(format!(
                         "hardlink {} points at the root",
-                        path.join("/")
+                        printable(&path.join("/"))
                     )));
                 };
                 let tparent = self.existing_dir(tdirs)?;
-                if exists.is_some() && tpath != path {
+                if exists.is_some() {
                     remove_at(&parent, name)?;
                 }
-                if tpath != path {
-                    rustix::fs::linkat(
-                        &tparent,
-                        tname.as_str(),
-                        &parent,
-                        name.as_str(),
-                        AtFlags::empty(),
-                    )
-                    .map_err(|e| io_at("link", &path, e))?;
-                }
+                rustix::fs::linkat(
+                    &tparent,
+                    tname.as_str(),
+                    &parent,
+                    name.as_str(),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| io_at("link", &path, e))?;
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let ft = match ty {
@@ -406,43 +522,17 @@ impl Tree {
             _ => return Ok(()),
         }
         // The entry and its implied parent directories are this layer's.
-        for n in 1..=path.len() {
-            self.this_layer.insert(path[..n].to_vec());
-        }
+        self.this_layer.insert(&path);
         self.report.entries += 1;
         Ok(())
     }
 
-    /// Removes everything beneath the directory `dir` (at `dirs`) that the current layer
-    /// did not put there; directories the layer (re)sent are pruned the same way inside.
-    fn prune_lower(&self, dir: &OwnedFd, dirs: &[String]) -> Result<()> {
-        let mut names = Vec::new();
-        for ent in rustix::fs::Dir::read_from(dir).map_err(|e| io_at("list", dirs, e))? {
-            let ent = ent.map_err(|e| io_at("list", dirs, e))?;
-            let n = ent.file_name().to_string_lossy().into_owned();
-            if n != "." && n != ".." {
-                names.push(n);
-            }
-        }
-        for n in names {
-            let mut p = dirs.to_vec();
-            p.push(n.clone());
-            if self.this_layer.contains(&p) {
-                self.prune_lower_at(dir, &p, &n)?;
-            } else {
-                remove_at(dir, &n)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// [`Tree::prune_lower`] for the child `name` of `dir` when it is a directory.
-    fn prune_lower_at(&self, dir: &OwnedFd, path: &[String], name: &str) -> Result<()> {
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        match rustix::fs::openat(dir, name, flags, Mode::empty()) {
-            Ok(sub) => self.prune_lower(&sub, path),
-            Err(_) => Ok(()), // not a directory: the layer's own entry stays as it is
-        }
+    /// Removes everything beneath the directory `dir` that the layer node `keep` (and its
+    /// descendants) does not name; with `keep` `None`, everything. Directories the layer
+    /// (re)sent are pruned the same way inside. Iterative, holding one directory open at a
+    /// time (a tree of any depth costs neither stack nor file descriptors).
+    fn prune(&self, dir: OwnedFd, keep: Option<u32>) -> Result<()> {
+        prune_tree(dir, keep, Some(&self.this_layer))
     }
 
     /// Owner (as root) and times of `name` in `parent`, without following it.
@@ -504,6 +594,52 @@ impl Tree {
             }
         }
     }
+
+    /// Sets every directory's recorded mtime, children before parents, walking the
+    /// recorded directories down from the root with one descriptor open at a time.
+    fn set_dir_times(&self) -> Result<()> {
+        // (node, fd, children left to visit)
+        let mut cur = self.open_root()?;
+        let mut stack: Vec<(u32, Children)> = vec![(0, children_of(&self.dirs, 0))];
+        loop {
+            let Some((node, todo)) = stack.last_mut() else {
+                return Ok(());
+            };
+            if let Some((name, child)) = todo.pop() {
+                // Removed or replaced by a later layer: nothing to set below it.
+                if let Ok(next) = rustix::fs::openat(&cur, &*name, DIR_FLAGS, Mode::empty()) {
+                    cur = next;
+                    stack.push((child, children_of(&self.dirs, child)));
+                }
+                continue;
+            }
+            let node = *node;
+            if let Some(&t) = self.dirs.times.get(&node) {
+                set_mtime(&cur, t, &[])?;
+            }
+            stack.pop();
+            if stack.is_empty() {
+                return Ok(());
+            }
+            cur = rustix::fs::openat(
+                &cur,
+                "..",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open", &self.root_path, e.into()))?;
+        }
+    }
+}
+
+/// A trie node's children: (component, node).
+type Children = Vec<(Box<str>, u32)>;
+
+fn children_of(t: &Trie, n: u32) -> Children {
+    t.nodes[n as usize]
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
 }
 
 fn ts(secs: i64) -> rustix::fs::Timespec {
@@ -526,37 +662,135 @@ fn mkdir(parent: &OwnedFd, name: &str, path: &[String]) -> Result<()> {
         .map_err(|e| io_at("mkdir", path, e))
 }
 
-/// Removes `name` in `dir` (recursively for a directory) without following symlinks.
-fn remove_at(dir: &OwnedFd, name: &str) -> Result<()> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
-        return Err(bad(format!("refusing to remove {name:?}")));
-    }
-    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
-        Ok(()) => return Ok(()),
-        Err(e) if e == rustix::io::Errno::NOENT => return Ok(()),
-        Err(e) if e == rustix::io::Errno::ISDIR || e == rustix::io::Errno::PERM => {}
-        Err(e) => return Err(Error::io("remove", name, e.into())),
-    }
-    let sub = rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io("open", name, e.into()))?;
+/// The names in a directory, without `.` and `..`.
+fn names_in(dir: &OwnedFd) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for ent in rustix::fs::Dir::read_from(&sub).map_err(|e| Error::io("list", name, e.into()))? {
-        let ent = ent.map_err(|e| Error::io("list", name, e.into()))?;
+    for ent in
+        rustix::fs::Dir::read_from(dir).map_err(|e| Error::io("list", "directory", e.into()))?
+    {
+        let ent = ent.map_err(|e| Error::io("list", "directory", e.into()))?;
         let n = ent.file_name().to_string_lossy().into_owned();
         if n != "." && n != ".." {
             names.push(n);
         }
     }
-    for n in names {
-        remove_at(&sub, &n)?;
+    Ok(names)
+}
+
+/// Removes everything beneath `dir` except what the node `keep` of `layer` names (all of
+/// it when `keep` is `None`), descending into kept directories to prune them the same way.
+/// Iterative: directories are entered with `openat(child, O_NOFOLLOW)` and left with
+/// `openat("..")`, so one descriptor is open at a time and the stack is the heap's.
+fn prune_tree(dir: OwnedFd, keep: Option<u32>, layer: Option<&Trie>) -> Result<()> {
+    struct Level {
+        /// The directory's name in its parent, and whether to remove it once emptied.
+        name: String,
+        remove: bool,
+        /// Subdirectories still to visit: (name, node to keep in it, remove it after).
+        todo: Vec<(String, Option<u32>, bool)>,
     }
+    let enter = |fd: &OwnedFd, keep: Option<u32>| -> Result<Vec<(String, Option<u32>, bool)>> {
+        let mut todo = Vec::new();
+        for n in names_in(fd)? {
+            let kept = keep.and_then(|k| layer.and_then(|t| t.child(k, &n)));
+            if let Some(node) = kept {
+                if rustix::fs::statat(fd, n.as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+                    rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory
+                }) {
+                    todo.push((n, Some(node), false));
+                }
+                continue;
+            }
+            match rustix::fs::unlinkat(fd, n.as_str(), AtFlags::empty()) {
+                Ok(()) => {}
+                Err(e) if e == rustix::io::Errno::NOENT => {}
+                Err(e) if e == rustix::io::Errno::ISDIR || e == rustix::io::Errno::PERM => {
+                    todo.push((n, None, true));
+                }
+                Err(e) => return Err(Error::io("remove", printable(&n), e.into())),
+            }
+        }
+        Ok(todo)
+    };
+    let mut cur = dir;
+    let mut stack = vec![Level {
+        name: String::new(),
+        remove: false,
+        todo: enter(&cur, keep)?,
+    }];
+    loop {
+        let top = stack.last_mut().expect("a level");
+        if let Some((name, node, remove)) = top.todo.pop() {
+            match rustix::fs::openat(&cur, name.as_str(), DIR_FLAGS, Mode::empty()) {
+                Ok(next) => {
+                    cur = next;
+                    let todo = enter(&cur, node)?;
+                    stack.push(Level { name, remove, todo });
+                }
+                // Gone, or no longer a directory: nothing beneath it to prune.
+                Err(e)
+                    if e == rustix::io::Errno::NOENT
+                        || e == rustix::io::Errno::NOTDIR
+                        || e == rustix::io::Errno::LOOP => {}
+                Err(e) => return Err(Error::io("open", printable(&name), e.into())),
+            }
+            continue;
+        }
+        let done = stack.pop().expect("a level");
+        if stack.is_empty() {
+            return Ok(());
+        }
+        cur = rustix::fs::openat(
+            &cur,
+            "..",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io("open", "..", e.into()))?;
+        if done.remove {
+            rustix::fs::unlinkat(&cur, done.name.as_str(), AtFlags::REMOVEDIR)
+                .map_err(|e| Error::io("remove", printable(&done.name), e.into()))?;
+        }
+    }
+}
+
+/// Removes `name` in `dir` (everything beneath it, for a directory) without following
+/// symlinks.
+fn remove_at(dir: &OwnedFd, name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(bad(format!("refusing to remove {:?}", printable(name))));
+    }
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(e) if e == rustix::io::Errno::NOENT => return Ok(()),
+        Err(e) if e == rustix::io::Errno::ISDIR || e == rustix::io::Errno::PERM => {}
+        Err(e) => return Err(Error::io("remove", printable(name), e.into())),
+    }
+    let sub = rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty())
+        .map_err(|e| Error::io("open", printable(name), e.into()))?;
+    prune_tree(sub, None, None)?;
     rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
-        .map_err(|e| Error::io("remove", name, e.into()))
+        .map_err(|e| Error::io("remove", printable(name), e.into()))
+}
+
+/// Removes a whole directory tree at `path` (a failed unpack's temporary directory):
+/// iteratively, whatever its depth.
+fn remove_tree(path: &Path) -> Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{} names no directory", path.display())))?;
+    let dir = rustix::fs::open(
+        parent,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io("open", parent, e.into()))?;
+    remove_at(&dir, &name.to_string_lossy())
 }
 
 impl Store {
@@ -574,19 +808,30 @@ impl Store {
         }
         let mut d = self.resolve(reference)?;
         let mut parsed = image::parse(&self.get(&d)?)?;
-        if parsed.kind == Kind::Index {
-            let want = opts.platform.clone().unwrap_or_else(host_platform);
+        // An index may name indexes: descend (a bounded number of levels) to a manifest.
+        let want = opts.platform.clone().unwrap_or_else(host_platform);
+        let mut levels = 0;
+        while parsed.kind == Kind::Index {
+            levels += 1;
+            if levels > MAX_INDEX_DEPTH {
+                return Err(bad(format!(
+                    "{reference}: indexes nested more than {MAX_INDEX_DEPTH} deep"
+                )));
+            }
             let pick = parsed
                 .children
                 .iter()
-                .find(|c| c.platform.as_deref() == Some(want.as_str()))
+                .find(|c| c.kind == Kind::Manifest && c.platform.as_deref() == Some(want.as_str()))
                 .or_else(|| {
                     parsed.children.iter().find(|c| {
-                        c.platform
-                            .as_deref()
-                            .is_some_and(|p| p.starts_with(&format!("{want}/")))
+                        c.kind == Kind::Manifest
+                            && c.platform
+                                .as_deref()
+                                .is_some_and(|p| p.starts_with(&format!("{want}/")))
                     })
                 })
+                // A nested index (by media type), whatever its platform, is looked into.
+                .or_else(|| parsed.children.iter().find(|c| c.kind == Kind::Index))
                 .ok_or_else(|| {
                     let have: Vec<String> = parsed
                         .children
@@ -603,7 +848,7 @@ impl Store {
         }
         let config = parsed
             .config()
-            .ok_or_else(|| Error::Corrupt(format!("{d} has no config")))?;
+            .ok_or_else(|| bad(format!("{d} has no config")))?;
         let info = image::parse_config(&self.get(&config.digest)?)?;
         let layers = parsed.layers().to_vec();
         if info.diff_ids.len() != layers.len() {
@@ -635,14 +880,14 @@ impl Store {
         match r {
             Ok(mut report) => {
                 crate::sys::rename_noreplace(&tmp, dir).map_err(|e| {
-                    let _ = std::fs::remove_dir_all(&tmp);
+                    let _ = remove_tree(&tmp);
                     Error::io("rename", dir, e)
                 })?;
                 report.elapsed_ms = start.elapsed().as_millis() as u64;
                 Ok(report)
             }
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
+                let _ = remove_tree(&tmp);
                 Err(e)
             }
         }
@@ -651,6 +896,8 @@ impl Store {
 
 /// Layers decompressed ahead of the one being applied.
 const AHEAD: usize = 2;
+/// Indexes nested deeper than this are refused (a cycle would be endless).
+const MAX_INDEX_DEPTH: usize = 8;
 
 /// Applies the layers into the (new, empty) directory `tmp`.
 fn unpack_into(
@@ -671,8 +918,9 @@ fn unpack_into(
         root,
         root_path: tmp.to_owned(),
         as_root: rustix::process::geteuid().is_root(),
-        dir_times: Vec::new(),
-        this_layer: HashSet::new(),
+        dirs: Trie::new(),
+        this_layer: Trie::new(),
+        last_dir: None,
         report: UnpackReport {
             manifest: Some(manifest),
             ..UnpackReport::default()
@@ -700,7 +948,9 @@ fn unpack_into(
         tree.this_layer.clear();
         {
             let mut ar = tar::Archive::new(&mut reader);
-            let entries = ar.entries().map_err(|e| bad(format!("layer {i}: {e}")))?;
+            let entries = ar
+                .entries()
+                .map_err(|e| bad(format!("layer {i}: {}", printable(&e.to_string()))))?;
             for entry in entries {
                 match entry {
                     Ok(e) => tree.apply(e)?,
@@ -708,13 +958,18 @@ fn unpack_into(
                     // final padding); containerd and Docker accept them, and so do we —
                     // only when the stream really ended there.
                     Err(_) if eof.get() => break,
-                    Err(e) => return Err(bad(format!("layer {i}: {e}"))),
+                    Err(e) => {
+                        return Err(bad(format!("layer {i}: {}", printable(&e.to_string()))));
+                    }
                 }
             }
         }
-        let got = reader
-            .finish()
-            .map_err(|e| bad(format!("layer {i} does not decompress: {e}")))?;
+        let got = reader.finish().map_err(|e| {
+            bad(format!(
+                "layer {i} does not decompress: {}",
+                printable(&e.to_string())
+            ))
+        })?;
         if got.to_string() != *want {
             return Err(bad(format!(
                 "layer {i} decompresses to {got}, but the config lists diff_id {want}"
@@ -722,14 +977,8 @@ fn unpack_into(
         }
         tree.report.layers += 1;
     }
-    // Directory times last, deepest first (creating children changed them).
-    let mut times = std::mem::take(&mut tree.dir_times);
-    times.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-    for (p, mtime) in times {
-        if let Ok(fd) = tree.existing_dir(&p) {
-            set_mtime(&fd, mtime, &p)?;
-        }
-    }
+    // Directory times last, children first (creating children changed them).
+    tree.set_dir_times()?;
     Ok(tree.report)
 }
 

@@ -244,9 +244,12 @@ fn every_command_works() {
             "segments",
             "sealed_segments",
             "live_bytes",
-            "dead_bytes"
+            "dead_bytes",
+            "ingests",
+            "ingest_bytes"
         ])
     );
+    assert_eq!((v["ingests"].as_u64(), v["ingest_bytes"].as_u64()), (Some(0), Some(0)));
     assert_eq!(v["root"], root.display().to_string());
     assert_eq!(v["blobs"], all.len() as u64);
     assert_eq!(v["bytes"], total);

@@ -277,6 +277,59 @@ pub fn run_with_stdin(cmd: &mut Command, stdin: Option<&[u8]>) -> Output {
         .expect("wait for child")
 }
 
+/// Runs a command to completion and returns its output and its peak resident memory in
+/// KiB (`VmHWM`, read from `/proc` while it runs: a high-water mark, so the last reading
+/// before it exits is its peak up to then).
+pub fn run_peak_rss(cmd: &mut Command) -> (Output, u64) {
+    use std::io::Read;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let pid = child.id();
+    let mut pipes = [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    ];
+    let readers: Vec<_> = pipes
+        .iter_mut()
+        .map(|p| {
+            let mut p = p.take().expect("pipe");
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = p.read_to_end(&mut v);
+                v
+            })
+        })
+        .collect();
+    let mut peak = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(line) = s.lines().find(|l| l.starts_with("VmHWM:"))
+            && let Some(kb) = line.split_whitespace().nth(1).and_then(|n| n.parse().ok())
+        {
+            peak = peak.max(kb);
+        }
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "command did not finish: {cmd:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut outs = readers.into_iter().map(|r| r.join().expect("pipe reader"));
+    let out = Output {
+        status,
+        stdout: outs.next().unwrap_or_default(),
+        stderr: outs.next().unwrap_or_default(),
+    };
+    (out, peak)
+}
+
 /// Runs the CLI on `root` with `args` and returns its output.
 pub fn cli(root: &Path, args: &[&str]) -> Output {
     run(store_cmd(root).args(args))
