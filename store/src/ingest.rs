@@ -543,3 +543,24 @@ impl Drop for Ingest {
         }
     }
 }
+
+#[cfg(test)]
+mod sim_tests {
+    use super::*;
+
+    #[test]
+    /// The state file's replace-by-rename keeps the resume point.
+    fn suspend_and_resume_on_the_simulated_backend() {
+        let sim = crate::backend::sim::SimBackend::new();
+        let store = Store::open_with(
+            std::sync::Arc::new(sim.clone()),
+            crate::Options::default().reserve(0),
+        )
+        .unwrap();
+        let mut ing = store.ingest("r", PutOptions::default()).unwrap();
+        ing.write_all(b"hello").unwrap();
+        assert_eq!(ing.suspend().unwrap(), 5);
+        let ing = store.ingest("r", PutOptions::default()).unwrap();
+        assert_eq!(ing.offset(), 5);
+    }
+}

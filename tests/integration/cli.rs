@@ -249,7 +249,10 @@ fn every_command_works() {
             "ingest_bytes"
         ])
     );
-    assert_eq!((v["ingests"].as_u64(), v["ingest_bytes"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (v["ingests"].as_u64(), v["ingest_bytes"].as_u64()),
+        (Some(0), Some(0))
+    );
     assert_eq!(v["root"], root.display().to_string());
     assert_eq!(v["blobs"], all.len() as u64);
     assert_eq!(v["bytes"], total);

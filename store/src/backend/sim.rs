@@ -179,7 +179,10 @@ fn control_key(c: Control) -> ControlKey {
     }
 }
 
-type SyncHook = Box<dyn FnMut(u64, SimBackend) + Send>;
+type SyncHook = (
+    Box<dyn Fn(u64) -> bool + Send>,
+    Box<dyn FnMut(u64, SimBackend) + Send>,
+);
 type OpHook = Box<dyn FnMut(Option<&Key>) -> bool + Send>;
 
 struct Fs {
@@ -536,12 +539,14 @@ fn run_hooks(fs: &Fs, op: SimOp, key: Option<&Key>) {
 
 fn after_sync(fs: &Arc<Fs>) {
     let mut guard = lock(&fs.on_sync);
-    if let Some(f) = guard.as_mut() {
-        let (n, image) = {
+    if let Some((want, f)) = guard.as_mut() {
+        let image = {
             let s = lock(&fs.state);
-            (s.syncs, s.crash_image(s.seed))
+            want(s.syncs).then(|| (s.syncs, s.crash_image(s.seed)))
         };
-        f(n, SimBackend::from_state(image));
+        if let Some((n, image)) = image {
+            f(n, SimBackend::from_state(image));
+        }
     }
 }
 
@@ -734,7 +739,18 @@ impl SimBackend {
     /// After every sync, calls `f` with the sync's number and the image a power loss right
     /// then would leave (a fresh backend, unlocked). Replaces an earlier callback.
     pub fn on_sync(&self, f: impl FnMut(u64, SimBackend) + Send + 'static) {
-        *lock(&self.fs.on_sync) = Some(Box::new(f));
+        self.on_sync_where(|_| true, f);
+    }
+
+    /// [`SimBackend::on_sync`] for the syncs `want` accepts only (no image is made for
+    /// the others). The callback runs on the thread that synced, with this backend's
+    /// callback lock held: it must not sync on this backend itself.
+    pub fn on_sync_where(
+        &self,
+        want: impl Fn(u64) -> bool + Send + 'static,
+        f: impl FnMut(u64, SimBackend) + Send + 'static,
+    ) {
+        *lock(&self.fs.on_sync) = Some((Box::new(want), Box::new(f)));
     }
 
     /// Stops calling the [`SimBackend::on_sync`] callback.
