@@ -501,14 +501,16 @@ impl Store {
             && backend
                 .free_space()
                 .map_err(io)?
-                .is_some_and(|free| free < reserve)
-            && backend.release_reserve().map_err(io)?;
+                .is_some_and(|free| free < reserve);
+        if low {
+            backend.release_reserve().map_err(io)?;
+        }
         let mut r = self.collect_once(opts, interrupt, between, progress, low);
         if let Err(e) = &r
             && e.is_no_space()
             && !low
-            && backend.release_reserve().map_err(io)?
         {
+            backend.release_reserve().map_err(io)?;
             low = true;
             r = self.collect_once(opts, interrupt, between, progress, low);
         }

@@ -116,7 +116,10 @@ impl Store {
             }
             None => vec![Reference::parse(reference)?.canonical()],
         };
-        let o = self.inner.meta.submit(Op::Untag { names, force })?;
+        let o = self.inner.freeing(|| Op::Untag {
+            names: names.clone(),
+            force,
+        })?;
         Ok(o.untagged)
     }
 
@@ -144,9 +147,7 @@ impl Store {
     /// name. Returns the removed record.
     pub fn container_remove(&self, id_or_name: &str) -> Result<ContainerRecord> {
         let rec = self.find_container(id_or_name)?;
-        self.inner
-            .meta
-            .submit(Op::ContainerRemove(rec.id.clone()))?;
+        self.inner.freeing(|| Op::ContainerRemove(rec.id.clone()))?;
         Ok(rec)
     }
 
@@ -197,7 +198,7 @@ impl Store {
 
     /// Removes a lease; what it alone protected becomes collectable.
     pub fn lease_remove(&self, id: &str) -> Result<()> {
-        self.inner.meta.submit(Op::LeaseRemove(id.to_owned()))?;
+        self.inner.freeing(|| Op::LeaseRemove(id.to_owned()))?;
         Ok(())
     }
 

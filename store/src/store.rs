@@ -902,6 +902,25 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Submits a change that frees space (removing a name, a container, a lease): on a
+    /// full disk the index cannot take even that, so its ENOSPC gives the disk-full
+    /// reserve back and it is tried once more.
+    pub(crate) fn freeing(&self, make: impl Fn() -> Op) -> Result<crate::meta::Outcome> {
+        match self.meta.submit(make()) {
+            Err(e)
+                if e.is_no_space()
+                    && self
+                        .files
+                        .backend
+                        .release_reserve()
+                        .map_err(|e| Error::io("reserve", self.root.clone(), e))? =>
+            {
+                self.meta.submit(make())
+            }
+            r => r,
+        }
+    }
+
     /// Takes one shard's append lock, waiting for it.
     pub(crate) fn lock_shard(&self, shard: u32) -> MutexGuard<'_, ShardWriter> {
         self.shards[shard as usize]

@@ -13,6 +13,7 @@ mod common;
 mod concurrency;
 mod crash;
 mod dedupe;
+mod faults;
 mod gc;
 mod images;
 mod ingest;

@@ -23,6 +23,9 @@ use crate::digest::Digest;
 use crate::map::Map;
 use crate::sys;
 
+/// The smallest reserve worth keeping.
+const MIN_RESERVE: u64 = 1 << 20;
+
 /// Store files under a root directory.
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
@@ -447,14 +450,12 @@ impl Backend for LocalBackend {
 
     fn ensure_reserve(&self, bytes: u64) -> io::Result<bool> {
         let path = self.reserve_path();
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() >= bytes) {
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
             return Ok(true);
         }
-        // Never take the last of the space for it: it is there to be given back.
-        if self
-            .free_space()?
-            .is_some_and(|free| free < bytes.saturating_mul(2))
-        {
+        // Never the last of the space: an eighth of what is free at most, on a small disk.
+        let bytes = self.free_space()?.map_or(bytes, |free| bytes.min(free / 8));
+        if bytes < MIN_RESERVE {
             return Ok(false);
         }
         let tmp = self.root.join("reserve.tmp");

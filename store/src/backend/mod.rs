@@ -333,8 +333,9 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Free bytes where the store writes, when known.
     fn free_space(&self) -> io::Result<Option<u64>>;
-    /// Makes sure the disk-full reserve of `bytes` exists (`Ok(false)`: there is not enough
-    /// space to create it now).
+    /// Makes sure the disk-full reserve exists: `bytes`, or less on a small disk (at most an
+    /// eighth of the free space). An existing one is kept as it is. `Ok(false)`: there is
+    /// not enough space to make one now.
     fn ensure_reserve(&self, bytes: u64) -> io::Result<bool>;
     /// Gives the reserve's space back (`Ok(false)`: there was none).
     fn release_reserve(&self) -> io::Result<bool>;

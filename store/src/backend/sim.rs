@@ -1202,14 +1202,12 @@ impl Backend for SimBackend {
 
     fn ensure_reserve(&self, bytes: u64) -> io::Result<bool> {
         let mut s = self.state();
-        if s.reserve >= bytes {
+        if s.reserve > 0 {
             return Ok(true);
         }
-        let old = s.reserve;
-        s.reserve = 0;
         let free = s.capacity.map(|c| c.saturating_sub(s.used()));
-        if free.is_some_and(|f| f < bytes.saturating_mul(2)) {
-            s.reserve = old;
+        let bytes = free.map_or(bytes, |f| bytes.min(f / 8));
+        if bytes < 1 << 20 {
             return Ok(false);
         }
         s.reserve = bytes;
