@@ -636,7 +636,8 @@ impl Store {
                 for (l, diff_id) in entry.layers.iter().zip(&info.diff_ids) {
                     let d = st.path_digest(l)?;
                     let size = st.blobs[&d].size;
-                    let media_type = layer_media_type(&st.bytes_prefix(&d)?);
+                    let media_type =
+                        image::Compression::sniff(&st.bytes_prefix(&d)?).layer_media_type();
                     if media_type == media::OCI_LAYER && d.to_string() != *diff_id {
                         return Err(Error::Archive(format!(
                             "layer {l} hashes to {d}, but the config's diff_id is {diff_id}"
@@ -1046,17 +1047,6 @@ impl Stage<'_> {
     }
 }
 
-/// The media type of a layer from its first bytes.
-fn layer_media_type(prefix: &[u8]) -> &'static str {
-    if prefix.starts_with(&[0x1f, 0x8b]) {
-        media::OCI_LAYER_GZIP
-    } else if prefix.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        media::OCI_LAYER_ZSTD
-    } else {
-        media::OCI_LAYER
-    }
-}
-
 fn check_layout(bytes: &[u8]) -> Result<()> {
     #[derive(serde::Deserialize)]
     struct Layout {
@@ -1336,11 +1326,9 @@ mod tests {
 
     #[test]
     fn layer_types_by_magic() {
-        assert_eq!(layer_media_type(&[0x1f, 0x8b, 8]), media::OCI_LAYER_GZIP);
-        assert_eq!(
-            layer_media_type(&[0x28, 0xb5, 0x2f, 0xfd]),
-            media::OCI_LAYER_ZSTD
-        );
-        assert_eq!(layer_media_type(b"ustar"), media::OCI_LAYER);
+        let mt = |p: &[u8]| image::Compression::sniff(p).layer_media_type();
+        assert_eq!(mt(&[0x1f, 0x8b, 8]), media::OCI_LAYER_GZIP);
+        assert_eq!(mt(&[0x28, 0xb5, 0x2f, 0xfd]), media::OCI_LAYER_ZSTD);
+        assert_eq!(mt(b"ustar"), media::OCI_LAYER);
     }
 }

@@ -59,6 +59,58 @@ fn too_large(what: &'static str, len: usize) -> ImageError {
     )
 }
 
+/// How a layer's bytes are compressed, by their first bytes (media types lie: skopeo labels
+/// plain tar `+gzip`, so the bytes decide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// gzip (one or more members).
+    Gzip,
+    /// zstd.
+    Zstd,
+    /// None: a plain tar, or something else.
+    None,
+}
+
+impl Compression {
+    /// The compression of bytes starting with `prefix`.
+    pub fn sniff(prefix: &[u8]) -> Compression {
+        if prefix.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if prefix.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    /// The OCI layer media type for it.
+    pub fn layer_media_type(self) -> &'static str {
+        match self {
+            Compression::Gzip => media::OCI_LAYER_GZIP,
+            Compression::Zstd => media::OCI_LAYER_ZSTD,
+            Compression::None => media::OCI_LAYER,
+        }
+    }
+}
+
+/// Largest zstd window a layer may ask for (2^27 = 128 MiB, zstd's own default limit): a
+/// frame that asks for more is refused rather than given the memory.
+const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+
+/// A reader of a layer's decompressed bytes (gzip, including multi-member; zstd; or the
+/// bytes as they are). Streams: memory stays bounded whatever the ratio.
+pub fn decompress(blob: &[u8]) -> std::io::Result<Box<dyn std::io::Read + Send + '_>> {
+    Ok(match Compression::sniff(blob) {
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(blob)),
+        Compression::Zstd => {
+            let mut d = zstd::stream::read::Decoder::with_buffer(blob)?;
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+            Box::new(d)
+        }
+        Compression::None => Box::new(blob),
+    })
+}
+
 /// The content class a media type names.
 pub fn kind_of_media_type(mt: &str) -> Kind {
     match mt {

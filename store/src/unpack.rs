@@ -102,13 +102,7 @@ fn spawn_layer(blob: crate::Blob) -> Receiver<Chunk> {
 }
 
 fn produce(blob: &[u8], tx: &SyncSender<Chunk>) -> std::io::Result<Digest> {
-    let mut reader: Box<dyn Read + '_> = if blob.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(blob))
-    } else if blob.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(blob)?)
-    } else {
-        Box::new(blob)
-    };
+    let mut reader = image::decompress(blob)?;
     let mut h = Hasher::new(Algorithm::Sha256);
     loop {
         let mut buf = vec![0u8; 1 << 20];
@@ -431,6 +425,14 @@ impl Tree {
                 .map_err(|e| io_at("create", &path, e))?;
                 let mut f = std::fs::File::from(fd);
                 let n = std::io::copy(&mut entry, &mut f).map_err(|e| io_at("write", &path, e))?;
+                let want = header.entry_size().unwrap_or(0);
+                if n != want {
+                    // The layer ends inside this file: it would be silently short.
+                    return Err(bad(format!(
+                        "layer entry {} is cut short: {n} of its {want} bytes",
+                        printable(&path.join("/"))
+                    )));
+                }
                 self.report.bytes += n;
                 self.own(&f, uid, gid, &path)?;
                 rustix::fs::fchmod(&f, mode).map_err(|e| io_at("chmod", &path, e))?;
@@ -851,6 +853,12 @@ impl Store {
             .ok_or_else(|| bad(format!("{d} has no config")))?;
         let info = image::parse_config(&self.get(&config.digest)?)?;
         let layers = parsed.layers().to_vec();
+        if layers.len() > MAX_LAYERS {
+            return Err(bad(format!(
+                "{d} has {} layers; at most {MAX_LAYERS} are unpacked",
+                layers.len()
+            )));
+        }
         if info.diff_ids.len() != layers.len() {
             return Err(bad(format!(
                 "{d} has {} layers, but its config lists {} diff_ids",
@@ -896,6 +904,9 @@ impl Store {
 
 /// Layers decompressed ahead of the one being applied.
 const AHEAD: usize = 2;
+/// Images of more layers are refused (Docker's overlay driver takes 128; every layer costs
+/// a pass and a thread here).
+const MAX_LAYERS: usize = 4096;
 /// Indexes nested deeper than this are refused (a cycle would be endless).
 const MAX_INDEX_DEPTH: usize = 8;
 

@@ -274,13 +274,10 @@ fn blake3_chunks(data: &[u8]) -> [u8; 32] {
 
 /// sha256 of a layer's decompressed bytes (gzip, including multi-member; zstd; or plain).
 fn diff_id(data: &[u8]) -> std::io::Result<Digest> {
-    let mut reader: Box<dyn Read> = if data.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(data))
-    } else if data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(data)?)
-    } else {
+    if image::Compression::sniff(data) == image::Compression::None {
         return Ok(hash_chunks(Algorithm::Sha256, data));
-    };
+    }
+    let mut reader = image::decompress(data)?;
     let mut h = Hasher::new(Algorithm::Sha256);
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -15,6 +15,7 @@ mod crash;
 mod dedupe;
 mod faults;
 mod gc;
+mod hostile;
 mod images;
 mod ingest;
 mod interop;
