@@ -681,6 +681,7 @@ fn open_read_only(root: &Path) -> Result<Store> {
             .map_err(|e| match e {
                 Error::Io { .. } => Error::NeedsRecovery {
                     path: root.to_owned(),
+                    why: crate::meta::NOT_CLOSED,
                 },
                 e => e,
             }),

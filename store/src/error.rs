@@ -41,12 +41,14 @@ pub enum Error {
         /// What was found.
         reason: String,
     },
-    /// A read-only open found an index that a crash left needing recovery, which only a
-    /// writable open performs.
-    #[error("store {path} was not closed cleanly; recovering its index needs a writable open")]
+    /// A read-only open found an index that only a writable open can bring up to date:
+    /// a crash left it needing recovery, or an earlier build made it without some tables.
+    #[error("store {path} {why}; that needs a writable open")]
     NeedsRecovery {
         /// The store root.
         path: PathBuf,
+        /// What the writable open would do.
+        why: &'static str,
     },
     /// `verify --repair` changed nothing: some reads failed for reasons that say nothing
     /// about the bytes (EIO, EMFILE, ...), and only bytes proven wrong are ever removed.

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Condvar, Mutex};
 
 use redb::{
-    Database, MultimapTableDefinition, ReadTransaction, ReadableDatabase, ReadableMultimapTable,
-    ReadableTable, TableDefinition,
+    Database, MultimapTableDefinition, MultimapTableHandle, ReadTransaction, ReadableDatabase,
+    ReadableMultimapTable, ReadableTable, TableDefinition, TableHandle,
 };
 
 use crate::backend::{Backend, Control, MetaFile};
@@ -52,6 +52,44 @@ pub(crate) const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("le
 /// lease id -> digest keys it holds.
 pub(crate) const LEASE_RESOURCES: MultimapTableDefinition<&str, &[u8]> =
     MultimapTableDefinition::new("lease_resources");
+
+/// `Error::NeedsRecovery`'s reason for an index a crash left needing recovery.
+pub(crate) const NOT_CLOSED: &str = "was not closed cleanly and its index needs recovery";
+
+/// The name of every table of the current form (what `create_tables` makes).
+const TABLE_NAMES: [&str; 13] = [
+    "blobs",
+    "segments",
+    "meta",
+    "edges",
+    "referrers",
+    "referrer_of",
+    "pending_referrers",
+    "refcount",
+    "holds",
+    "names",
+    "containers",
+    "leases",
+    "lease_resources",
+];
+
+/// Opens (and so creates) every table; opening one that exists changes nothing.
+fn create_tables(txn: &redb::WriteTransaction) -> Result<()> {
+    txn.open_table(BLOBS)?;
+    txn.open_table(SEGMENTS)?;
+    txn.open_table(META)?;
+    txn.open_multimap_table(EDGES)?;
+    txn.open_multimap_table(PENDING_REFERRERS)?;
+    txn.open_multimap_table(REFERRERS)?;
+    txn.open_table(REFERRER_OF)?;
+    txn.open_table(REFCOUNT)?;
+    txn.open_table(HOLDS)?;
+    txn.open_table(NAMES)?;
+    txn.open_table(CONTAINERS)?;
+    txn.open_table(LEASES)?;
+    txn.open_multimap_table(LEASE_RESOURCES)?;
+    Ok(())
+}
 
 /// Version of the table layout; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -597,6 +635,7 @@ impl Meta {
             },
             redb::DatabaseError::RepairAborted => Error::NeedsRecovery {
                 path: backend.describe().into(),
+                why: NOT_CLOSED,
             },
             e => e.into(),
         };
@@ -656,18 +695,7 @@ impl Meta {
             meta.insert(K_SHARDS, u64::from(shards))?;
             meta.insert(K_SEQ, seq)?;
         }
-        txn.open_table(BLOBS)?;
-        txn.open_table(SEGMENTS)?;
-        txn.open_multimap_table(EDGES)?;
-        txn.open_multimap_table(PENDING_REFERRERS)?;
-        txn.open_multimap_table(REFERRERS)?;
-        txn.open_table(REFERRER_OF)?;
-        txn.open_table(REFCOUNT)?;
-        txn.open_table(HOLDS)?;
-        txn.open_table(NAMES)?;
-        txn.open_table(CONTAINERS)?;
-        txn.open_table(LEASES)?;
-        txn.open_multimap_table(LEASE_RESOURCES)?;
+        create_tables(&txn)?;
         txn.commit()?;
         self.write_witness(seq);
         Ok(())
@@ -681,24 +709,22 @@ impl Meta {
         }
     }
 
-    /// Creates tables a store made by an earlier build of this schema lacks (only when
-    /// one is missing: an open normally writes nothing).
+    /// Whether the index lacks tables of the current form (a store made by an earlier
+    /// build of this schema, §16 of FORMAT.md).
+    pub fn lacks_tables(&self) -> Result<bool> {
+        let txn = self.read()?;
+        let mut have: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
+        have.extend(txn.list_multimap_tables()?.map(|t| t.name().to_owned()));
+        Ok(TABLE_NAMES.iter().any(|n| !have.iter().any(|h| h == n)))
+    }
+
+    /// Creates the tables a store made by an earlier build of this schema lacks (only
+    /// when one is missing: an open normally writes nothing).
     pub fn ensure_tables(&self) -> Result<()> {
-        let missing = {
-            let txn = self.read()?;
-            matches!(
-                txn.open_table(REFERRER_OF),
-                Err(redb::TableError::TableDoesNotExist(_))
-            ) || matches!(
-                txn.open_multimap_table(REFERRERS),
-                Err(redb::TableError::TableDoesNotExist(_))
-            )
-        };
-        if missing {
+        if self.lacks_tables()? {
             let mut txn = self.db.begin_write()?;
             txn.set_quick_repair(true);
-            txn.open_multimap_table(REFERRERS)?;
-            txn.open_table(REFERRER_OF)?;
+            create_tables(&txn)?;
             txn.commit()?;
         }
         Ok(())

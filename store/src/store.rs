@@ -431,10 +431,20 @@ impl Store {
             // Scratch belongs to writers that are gone; uploads are kept for resume.
             backend.clear_scratch().map_err(io("clear scratch"))?;
             if opts.reserve > 0 {
-                backend
-                    .ensure_reserve(opts.reserve)
-                    .map_err(io("reserve"))?;
+                // A disk too full for the reserve still opens: the collector is what
+                // frees it, and it makes the reserve again once there is room.
+                let reserved = backend.ensure_reserve(opts.reserve).map_err(io("reserve"));
+                if let Err(e) = reserved
+                    && !e.is_no_space()
+                {
+                    return Err(e);
+                }
             }
+        } else if meta.lacks_tables()? {
+            return Err(Error::NeedsRecovery {
+                path: root,
+                why: "was made by an earlier build and its index lacks tables this one reads",
+            });
         }
 
         // Segment files no row names are left alone (an uncommitted batch's, or one whose

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use layerstore::{Digest, Error, Kind, Options, PutOptions, Store};
+use redb::{MultimapTableHandle, ReadableDatabase, TableHandle};
 
 use crate::common::{self, KIB};
 
@@ -90,4 +91,97 @@ fn open_without_create_on_missing_store_is_no_store() {
         Ok(_) => panic!("expected NoStore, got a store"),
     }
     assert!(!root.exists(), "a refused open creates nothing");
+}
+
+/// Turns a store's index into the first form of schema 1 (§16 of FORMAT.md): only the
+/// `blobs`, `segments` and `meta` tables.
+fn strip_to_first_form(root: &std::path::Path) {
+    let db = redb::Database::open(root.join("meta.redb")).expect("open the index directly");
+    let txn = db.begin_write().expect("write");
+    let later: Vec<String> = txn
+        .list_tables()
+        .expect("tables")
+        .map(|t| t.name().to_owned())
+        .filter(|n| !["blobs", "segments", "meta"].contains(&n.as_str()))
+        .collect();
+    for n in &later {
+        let def: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new(n);
+        // Tables of other key types: deleting by name does not check the types.
+        let _ = txn.delete_table(def);
+    }
+    let multimaps: Vec<String> = txn
+        .list_multimap_tables()
+        .expect("multimap tables")
+        .map(|t| t.name().to_owned())
+        .collect();
+    for n in &multimaps {
+        let def: redb::MultimapTableDefinition<&[u8], &[u8]> =
+            redb::MultimapTableDefinition::new(n);
+        txn.delete_multimap_table(def)
+            .expect("delete multimap table");
+    }
+    txn.commit().expect("commit");
+    let txn = db.begin_read().expect("read");
+    let left: Vec<String> = txn
+        .list_tables()
+        .expect("tables")
+        .map(|t| t.name().to_owned())
+        .collect();
+    assert_eq!(
+        left.len(),
+        3,
+        "only the first form's tables are left: {left:?}"
+    );
+    assert_eq!(txn.list_multimap_tables().expect("multimap").count(), 0);
+}
+
+#[test]
+fn a_store_of_the_first_form_is_upgraded_by_a_writable_open_and_read_only_commands_work() {
+    let dir = common::tempdir();
+    let root = dir.path().join("store");
+    let store = common::open(&root);
+    let small = store.put(b"first form").expect("put").digest;
+    let large = store
+        .put(&common::blob(7, 3 << 20))
+        .expect("put large")
+        .digest;
+    drop(store);
+    strip_to_first_form(&root);
+    let index = std::fs::read(root.join("meta.redb")).expect("read index");
+
+    // A read-only open writes nothing and says what it needs.
+    match Store::open(&root, Options::default().read_only(true)) {
+        Err(Error::NeedsRecovery { why, .. }) => assert!(why.contains("earlier build"), "{why}"),
+        other => panic!("expected NeedsRecovery, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(std::fs::read(root.join("meta.redb")).expect("read"), index);
+
+    // Read-only commands open it writable once (as after a crash) and work.
+    for args in [
+        vec!["images"],
+        vec!["lease", "ls"],
+        vec!["container", "ls"],
+        vec!["df"],
+    ] {
+        let out = common::cli(&root, &args);
+        assert!(
+            out.status.success(),
+            "`store {}`: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let store = Store::open(&root, Options::default().read_only(true)).expect("now current");
+    assert_eq!(&*store.get(&small).expect("small"), b"first form");
+    assert_eq!(store.get(&large).expect("large").len(), 3 << 20);
+    assert!(store.images().expect("images").is_empty());
+    drop(store);
+    let store = common::open(&root);
+    let report = store
+        .gc(
+            &layerstore::GcOptions::default().grace(std::time::Duration::ZERO),
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+        .expect("gc works on the upgraded store");
+    assert_eq!(report.removed_blobs, 2, "nothing roots the two plain blobs");
 }
