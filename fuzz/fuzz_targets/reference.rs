@@ -26,9 +26,21 @@ fuzz_target!(|data: &[u8]| {
                 "canonical form is not a fixed point"
             );
             assert_eq!(r.to_string(), canonical);
+            // The familiar form drops `docker.io/`; it reads back as the same reference
+            // unless the repository's first component then looks like a registry
+            // (`docker.io/my.org/app` -> `my.org/app`), which the docs call out.
             let familiar = r.familiar();
-            if let Err(e) = Reference::parse(&familiar) {
-                panic!("familiar {familiar:?} of {s:?} does not parse: {e}");
+            let first = r.repository().split('/').next().unwrap_or_default();
+            let ambiguous =
+                r.registry() == "docker.io" && (first.contains(['.', ':']) || first == "localhost");
+            if !ambiguous {
+                match Reference::parse(&familiar) {
+                    Ok(f) => assert_eq!(
+                        f, r,
+                        "familiar {familiar:?} of {s:?} reads back differently"
+                    ),
+                    Err(e) => panic!("familiar {familiar:?} of {s:?} does not parse: {e}"),
+                }
             }
             assert!(r.tag().is_some() || r.digest().is_some());
             assert!(r.repository().len() <= MAX_REPOSITORY_LEN);

@@ -1094,6 +1094,18 @@ fn docker_repo_tags(st: &Stage<'_>) -> Result<HashMap<Digest, Vec<String>>> {
     Ok(out)
 }
 
+/// A name as a docker archive's `RepoTags` lists it: Docker's familiar form, unless that
+/// reads back as another name (`docker.io/my.org/app:1` would become `my.org/app:1` on
+/// registry `my.org`); then the canonical form, which `docker load` reads the same way.
+fn repo_tag(r: &Reference) -> String {
+    let familiar = r.familiar();
+    if Reference::parse(&familiar).as_ref() == Ok(r) {
+        familiar
+    } else {
+        r.canonical()
+    }
+}
+
 /// Archive formats `store export` writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -1238,7 +1250,7 @@ impl Store {
                 .ok_or_else(|| Error::Corrupt("manifest without config".into()))?;
             entries.push(serde_json::json!({
                 "Config": path(&config.digest),
-                "RepoTags": c.reference.iter().filter(|r| r.tag().is_some()).map(Reference::familiar).collect::<Vec<_>>(),
+                "RepoTags": c.reference.iter().filter(|r| r.tag().is_some()).map(repo_tag).collect::<Vec<_>>(),
                 "Layers": p.layers().iter().map(|l| path(&l.digest)).collect::<Vec<_>>(),
             }));
         }

@@ -14,6 +14,7 @@ mod concurrency;
 mod crash;
 mod dedupe;
 mod faults;
+mod fuzzed;
 mod gc;
 mod hostile;
 mod images;
