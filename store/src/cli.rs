@@ -677,14 +677,16 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
 /// once for it, when the root allows.
 fn open_read_only(root: &Path) -> Result<Store> {
     match Store::open(root, Options::default().create(false).read_only(true)) {
-        Err(Error::NeedsRecovery { .. }) => Store::open(root, Options::default().create(false))
-            .map_err(|e| match e {
+        Err(Error::NeedsRecovery { why, .. }) => {
+            Store::open(root, Options::default().create(false)).map_err(|e| match e {
+                // A root this user cannot write: say why a write was needed.
                 Error::Io { .. } => Error::NeedsRecovery {
                     path: root.to_owned(),
-                    why: crate::meta::NOT_CLOSED,
+                    why,
                 },
                 e => e,
-            }),
+            })
+        }
         r => r,
     }
 }
