@@ -1107,7 +1107,7 @@ fn repo_tag(r: &Reference) -> String {
 }
 
 /// Archive formats `store export` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportFormat {
     /// An OCI image layout in a tar (what `skopeo copy oci-archive:` reads).
     Oci,

@@ -34,6 +34,28 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--format` of `store export`: the library's [`crate::ExportFormat`], which carries no
+/// CLI derives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// An OCI image layout in a tar (what `skopeo copy oci-archive:` reads).
+    Oci,
+    /// A `docker save` archive: an OCI layout plus `manifest.json` (the Docker 25+ form).
+    Docker,
+    /// An OCI image layout directory.
+    OciDir,
+}
+
+impl From<FormatArg> for crate::ExportFormat {
+    fn from(f: FormatArg) -> crate::ExportFormat {
+        match f {
+            FormatArg::Oci => crate::ExportFormat::Oci,
+            FormatArg::Docker => crate::ExportFormat::Docker,
+            FormatArg::OciDir => crate::ExportFormat::OciDir,
+        }
+    }
+}
+
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -77,7 +99,7 @@ pub enum Command {
         output: PathBuf,
         /// Archive format.
         #[arg(long, value_enum, default_value = "oci")]
-        format: crate::archive::ExportFormat,
+        format: FormatArg,
     },
     /// List named images.
     Images {
@@ -434,15 +456,16 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             format,
         } => {
             let store = open_reading()?;
-            if *format == crate::archive::ExportFormat::OciDir {
+            let format = crate::archive::ExportFormat::from(*format);
+            if format == crate::archive::ExportFormat::OciDir {
                 store.export_dir(refs, output)?;
             } else if output.as_os_str() == "-" {
-                store.export(refs, *format, &mut *out)?;
+                store.export(refs, format, &mut *out)?;
             } else {
                 let dir = output.parent().filter(|p| !p.as_os_str().is_empty());
                 let dir = dir.unwrap_or(Path::new("."));
                 let mut tmp = tempfile::NamedTempFile::new_in(dir).ctx("create", dir)?;
-                store.export(refs, *format, std::io::BufWriter::new(tmp.as_file_mut()))?;
+                store.export(refs, format, std::io::BufWriter::new(tmp.as_file_mut()))?;
                 tmp.as_file().sync_all().ctx("fsync", tmp.path())?;
                 tmp.persist(output)
                     .map_err(|e| Error::io("rename", output, e.error))?;

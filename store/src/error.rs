@@ -161,7 +161,77 @@ pub enum Error {
     },
     /// The metadata database failed.
     #[error("metadata database: {0}")]
-    Db(Arc<redb::Error>),
+    Db(DbError),
+}
+
+/// A failure of the metadata database. Opaque on purpose: the engine behind the index is
+/// not part of the API (its message is kept, and [`std::error::Error::source`] reaches
+/// its error).
+#[derive(Debug, Clone)]
+pub struct DbError(Arc<redb::Error>);
+
+impl DbError {
+    /// Whether the database ran out of space (ENOSPC).
+    pub fn is_no_space(&self) -> bool {
+        const ENOSPC: i32 = 28;
+        matches!(&*self.0, redb::Error::Io(io) if io.raw_os_error() == Some(ENOSPC))
+    }
+
+    /// The OS error beneath, if the database failed on I/O.
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match &*self.0 {
+            redb::Error::Io(io) => Some(io),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for DbError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+/// The class of an [`Error`], from [`Error::kind`]. The comments give the HTTP status a
+/// registry front would answer with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No such blob, name, container, lease or store (404).
+    NotFound,
+    /// The request or its content is malformed or not allowed: a bad digest, reference,
+    /// argument, image JSON or archive (400).
+    Invalid,
+    /// A manifest or index names blobs that are not stored (400, `MANIFEST_BLOB_UNKNOWN`).
+    MissingChildren,
+    /// The content does not match the digest or size the caller gave (400,
+    /// `DIGEST_INVALID` / `SIZE_INVALID`).
+    Mismatch,
+    /// The change conflicts with what the store holds: an image in use, a blob still
+    /// referenced (409).
+    Conflict,
+    /// Someone else holds what the call needs: an ingest ref being written, the store's
+    /// lock (409 for an ingest; retry later).
+    Busy,
+    /// A write on a store opened read-only (405 / 503).
+    ReadOnly,
+    /// The store needs `store repair --rebuild-index` or a writable open first (503).
+    NeedsRepair,
+    /// Stored bytes are proven wrong (500; run `store verify`).
+    Corrupt,
+    /// The caller interrupted the operation; nothing partial is visible (499).
+    Interrupted,
+    /// The store cannot run here (a network file system) (500).
+    Unsupported,
+    /// The storage failed: an OS or database error, not a statement about the bytes (500
+    /// / 503; often transient).
+    Io,
 }
 
 fn fmt_containers(c: &[(String, String)]) -> String {
@@ -188,20 +258,49 @@ impl Error {
         }
     }
 
-    /// Whether this is the index refusing an operation's content (it then committed
-    /// nothing), as opposed to a failure of the storage.
+    /// What kind of failure this is, for a caller that maps errors to its own (an HTTP
+    /// front to status codes, a CLI to exit codes) without matching every variant.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NotFound(_)
+            | Error::NameNotFound(_)
+            | Error::ContainerNotFound(_)
+            | Error::LeaseNotFound(_)
+            | Error::NoStore { .. } => ErrorKind::NotFound,
+            Error::Digest(_)
+            | Error::Reference(_)
+            | Error::Image(_)
+            | Error::Archive(_)
+            | Error::Invalid(_)
+            | Error::NotAnImage(_) => ErrorKind::Invalid,
+            Error::MissingChildren { .. } => ErrorKind::MissingChildren,
+            Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => ErrorKind::Mismatch,
+            Error::InUse { .. } => ErrorKind::Conflict,
+            Error::IngestBusy(_) | Error::Locked { .. } => ErrorKind::Busy,
+            Error::ReadOnly => ErrorKind::ReadOnly,
+            Error::NeedsRepair { .. } | Error::NeedsRecovery { .. } => ErrorKind::NeedsRepair,
+            Error::Corrupt(_) | Error::ProblemsFound(_) => ErrorKind::Corrupt,
+            Error::Interrupted => ErrorKind::Interrupted,
+            Error::NetworkFilesystem { .. } => ErrorKind::Unsupported,
+            Error::Io { .. } | Error::Db(_) | Error::ReadFailures { .. } => ErrorKind::Io,
+        }
+    }
+
+    /// Whether the store refused the caller's request or content (it then committed
+    /// nothing): a client error in HTTP terms, as opposed to a failure of the storage.
+    /// True for [`ErrorKind::NotFound`], [`ErrorKind::Invalid`],
+    /// [`ErrorKind::MissingChildren`], [`ErrorKind::Mismatch`], [`ErrorKind::Conflict`],
+    /// and for an ingest ref already being written ([`Error::IngestBusy`]).
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            Error::MissingChildren { .. }
-                | Error::NotAnImage(_)
-                | Error::NotFound(_)
-                | Error::LeaseNotFound(_)
-                | Error::NameNotFound(_)
-                | Error::InUse { .. }
-                | Error::ContainerNotFound(_)
-                | Error::Invalid(_)
-        )
+        match self.kind() {
+            ErrorKind::NotFound
+            | ErrorKind::Invalid
+            | ErrorKind::MissingChildren
+            | ErrorKind::Mismatch
+            | ErrorKind::Conflict => !matches!(self, Error::NoStore { .. }),
+            ErrorKind::Busy => matches!(self, Error::IngestBusy(_)),
+            _ => false,
+        }
     }
 
     /// Whether the storage ran out of space (ENOSPC), from a file operation or from the
@@ -210,9 +309,7 @@ impl Error {
         const ENOSPC: i32 = 28;
         match self {
             Error::Io { source, .. } => source.raw_os_error() == Some(ENOSPC),
-            Error::Db(e) => {
-                matches!(&**e, redb::Error::Io(io) if io.raw_os_error() == Some(ENOSPC))
-            }
+            Error::Db(e) => e.is_no_space(),
             _ => false,
         }
     }
@@ -227,7 +324,7 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for Error {
             fn from(e: $t) -> Error {
-                Error::Db(Arc::new(e.into()))
+                Error::Db(DbError(Arc::new(e.into())))
             }
         }
     )*};

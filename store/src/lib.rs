@@ -20,6 +20,7 @@ pub mod archive;
 pub mod backend;
 mod blobs;
 pub mod catalog;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod digest;
 mod error;
@@ -40,7 +41,7 @@ pub mod verify;
 pub use archive::{ExportFormat, ImportOptions, ImportOutcome, ImportedImage};
 pub use blobs::Blob;
 pub use digest::{Algorithm, Digest, DigestError};
-pub use error::{Error, Result};
+pub use error::{DbError, Error, ErrorKind, Result};
 pub use format::Kind;
 pub use gc::{GcOptions, GcReport, NoProgress, Progress};
 pub use ingest::{Ingest, MAX_REF_LEN};

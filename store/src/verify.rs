@@ -32,7 +32,7 @@ use crate::meta::{self, BlobEntry, Location, Op};
 use crate::store::Store;
 
 /// How much to check.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Depth {
     /// blake3 of the stored bytes against the index.

@@ -7,7 +7,7 @@
 //! is what the backend says it is — an object's bytes after [`Handle::sync`], its name
 //! after [`Backend::sync_names`], the metadata after [`MetaStorage::sync_data`]. The
 //! backends are [`local`] (files under a root directory, read through mmap) and, behind
-//! the `sim` feature, [`sim`] (in memory, recording every write and sync so that a test
+//! the `sim` feature, `sim` (in memory, recording every write and sync so that a test
 //! can freeze the image a power loss would leave, or inject I/O errors). Nothing above
 //! this module names a store path or calls `std::fs` on store files; nothing in it knows
 //! what a blob, an index entry or a commit is.
