@@ -8,8 +8,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use sha2::Digest as _;
-
 /// The hash algorithms a digest may use.
 ///
 /// The discriminant is the algorithm byte written to disk (index keys and pack records);
@@ -263,33 +261,33 @@ impl std::ops::Deref for DigestKey {
     }
 }
 
-/// An incremental hasher for any [`Algorithm`].
+/// An incremental hasher for any [`Algorithm`]. Its SHA-2 state can be saved and
+/// restored (within the crate), which a resumed upload uses.
 #[derive(Clone)]
-pub enum Hasher {
-    /// SHA-256 state.
-    Sha256(sha2::Sha256),
-    /// SHA-512 state.
-    Sha512(sha2::Sha512),
-    /// BLAKE3 state (boxed: it is large).
+pub struct Hasher(Inner);
+
+#[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // SHA-2, the common case, stays inline.
+enum Inner {
+    Sha2(crate::resumable::Sha2),
+    /// Boxed: it is large.
     Blake3(Box<blake3::Hasher>),
 }
 
 impl Hasher {
     /// A fresh hasher for `algorithm`.
     pub fn new(algorithm: Algorithm) -> Hasher {
-        match algorithm {
-            Algorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            Algorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
-            Algorithm::Blake3 => Hasher::Blake3(Box::default()),
-        }
+        Hasher(match crate::resumable::Sha2::new(algorithm) {
+            Some(h) => Inner::Sha2(h),
+            None => Inner::Blake3(Box::default()),
+        })
     }
 
     /// Feeds bytes.
     pub fn update(&mut self, data: &[u8]) {
-        match self {
-            Hasher::Sha256(h) => h.update(data),
-            Hasher::Sha512(h) => h.update(data),
-            Hasher::Blake3(h) => {
+        match &mut self.0 {
+            Inner::Sha2(h) => h.update(data),
+            Inner::Blake3(h) => {
                 h.update(data);
             }
         }
@@ -297,10 +295,9 @@ impl Hasher {
 
     /// The digest of everything fed so far.
     pub fn finish(self) -> Digest {
-        match self {
-            Hasher::Sha256(h) => digest_of(Algorithm::Sha256, &h.finalize()),
-            Hasher::Sha512(h) => digest_of(Algorithm::Sha512, &h.finalize()),
-            Hasher::Blake3(h) => digest_of(Algorithm::Blake3, h.finalize().as_bytes()),
+        match self.0 {
+            Inner::Sha2(h) => h.finish(),
+            Inner::Blake3(h) => digest_of(Algorithm::Blake3, h.finalize().as_bytes()),
         }
     }
 }
@@ -323,6 +320,9 @@ const PARALLEL_HASH_MIN: usize = 1024 * 1024;
 pub struct DualHasher {
     oci: Hasher,
     check: blake3::Hasher,
+    /// Whether `check` saw every byte (false after [`DualHasher::resume`]: a blake3 state
+    /// cannot be saved, so a resumed hasher knows only the OCI digest's).
+    check_whole: bool,
     len: u64,
 }
 
@@ -332,8 +332,31 @@ impl DualHasher {
         DualHasher {
             oci: Hasher::new(algorithm),
             check: blake3::Hasher::new(),
+            check_whole: true,
             len: 0,
         }
+    }
+
+    /// The OCI hash's state, to [`DualHasher::resume`] from later; `None` if its
+    /// algorithm's state cannot be saved (blake3).
+    pub(crate) fn save(&self) -> Option<crate::resumable::SavedSha2> {
+        match &self.oci.0 {
+            Inner::Sha2(h) => Some(h.save()),
+            Inner::Blake3(_) => None,
+        }
+    }
+
+    /// A hasher that goes on from a saved OCI state. Its blake3 misses the bytes before
+    /// the save: [`DualHasher::finish_partial`] reports it as unknown. `None` if the
+    /// state is malformed.
+    pub(crate) fn resume(saved: &crate::resumable::SavedSha2) -> Option<DualHasher> {
+        let h = crate::resumable::Sha2::restore(saved)?;
+        Some(DualHasher {
+            len: h.len(),
+            oci: Hasher(Inner::Sha2(h)),
+            check: blake3::Hasher::new(),
+            check_whole: false,
+        })
     }
 
     /// Feeds bytes to both hashes, chunk by chunk while each chunk is hot in cache; a
@@ -400,8 +423,21 @@ impl DualHasher {
     }
 
     /// The OCI digest and the blake3 of everything fed.
+    ///
+    /// # Panics
+    /// If the hasher was resumed (its blake3 is unknown; see [`DualHasher::finish_partial`]).
     pub fn finish(self) -> (Digest, [u8; 32]) {
-        (self.oci.finish(), *self.check.finalize().as_bytes())
+        let (d, b) = self.finish_partial();
+        (
+            d,
+            b.expect("finish of a resumed hasher: its blake3 is unknown"),
+        )
+    }
+
+    /// The OCI digest, and the blake3 of everything fed if the hasher saw all of it.
+    pub fn finish_partial(self) -> (Digest, Option<[u8; 32]>) {
+        let check = self.check_whole.then(|| *self.check.finalize().as_bytes());
+        (self.oci.finish(), check)
     }
 }
 

@@ -33,6 +33,7 @@ mod meta;
 pub mod reference;
 mod refs;
 pub mod repair;
+mod resumable;
 mod store;
 mod sys;
 pub mod unpack;
