@@ -101,6 +101,10 @@ pub enum Error {
     /// An ingest with this ref is already being written in this process.
     #[error("ingest {0:?} is already in progress")]
     IngestBusy(String),
+    /// The upload was aborted ([`crate::Store::abort_ingest`]) while this writer held
+    /// it; its bytes are discarded.
+    #[error("upload {0:?} was aborted; its bytes are discarded")]
+    UploadAborted(String),
     /// A name is not in the store.
     #[error("no such image: {0}")]
     NameNotFound(String),
@@ -266,6 +270,7 @@ impl Error {
             | Error::NameNotFound(_)
             | Error::ContainerNotFound(_)
             | Error::LeaseNotFound(_)
+            | Error::UploadAborted(_)
             | Error::NoStore { .. } => ErrorKind::NotFound,
             Error::Digest(_)
             | Error::Reference(_)

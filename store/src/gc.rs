@@ -948,20 +948,11 @@ impl Store {
                 }
             }
         }
-        // Uploads whose directory and every part are old, and that no live ingest holds.
-        let busy: HashSet<String> = self
-            .inner
-            .ingests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|r| blake3::hash(r.as_bytes()).to_hex().to_string())
-            .collect();
+        // Uploads whose directory and every part are old, and that no live ingest holds
+        // (checked and removed under the live table's lock: a resume cannot start on one
+        // that is going).
         for l in list(&List::Uploads)? {
-            if l.key.is_none() && !busy.contains(&l.name) && old(&l) {
-                backend.remove_upload(&l.name).map_err(|e| {
-                    Error::io("remove", self.inner.root.join("ingest").join(&l.name), e)
-                })?;
+            if l.key.is_none() && old(&l) && self.remove_upload_if_idle(&l.name)? {
                 removed += 1;
             }
         }

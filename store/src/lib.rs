@@ -39,13 +39,18 @@ mod sys;
 pub mod unpack;
 pub mod verify;
 
+// docs/EMBEDDING.md's code blocks run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/EMBEDDING.md")]
+mod embedding_doc {}
+
 pub use archive::{ExportFormat, ImportOptions, ImportOutcome, ImportedImage};
 pub use blobs::Blob;
 pub use digest::{Algorithm, Digest, DigestError};
 pub use error::{DbError, Error, ErrorKind, Result};
 pub use format::Kind;
 pub use gc::{GcOptions, GcReport, NoProgress, Progress};
-pub use ingest::{Ingest, MAX_REF_LEN};
+pub use ingest::{Ingest, MAX_REF_LEN, UploadStatus};
 pub use meta::{ContainerRecord, Counters, LeaseRecord, Location, SCHEMA_VERSION};
 pub use reference::Reference;
 pub use refs::Lease;

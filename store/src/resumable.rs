@@ -266,7 +266,9 @@ mod tests {
 
     #[test]
     fn large_inputs_and_block_edges_match() {
-        let data: Vec<u8> = (0u32..(3 << 20) + 77).map(|i| (i * 31 % 251) as u8).collect();
+        let data: Vec<u8> = (0u32..(3 << 20) + 77)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
         for algorithm in [Algorithm::Sha256, Algorithm::Sha512] {
             for n in [0, 55, 56, 63, 64, 65, 111, 112, 127, 128, 129, data.len()] {
                 let mut h = Sha2::new(algorithm).unwrap();

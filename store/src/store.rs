@@ -260,7 +260,8 @@ pub(crate) struct Inner {
     pub files: Files,
     shards: Vec<Mutex<ShardWriter>>,
     next_shard: AtomicUsize,
-    pub ingests: Mutex<HashSet<String>>,
+    /// Uploads live in this process (ingest.rs).
+    pub ingests: Mutex<crate::ingest::LiveUploads>,
     /// One collection at a time per process.
     pub gc_lock: Mutex<()>,
     _lock: Box<dyn Send + Sync>,
@@ -511,7 +512,7 @@ impl Store {
                 files,
                 shards: writers.into_iter().map(Mutex::new).collect(),
                 next_shard: AtomicUsize::new(0),
-                ingests: Mutex::new(HashSet::new()),
+                ingests: Mutex::new(crate::ingest::LiveUploads::new()),
                 gc_lock: Mutex::new(()),
                 _lock: lock,
             }),

@@ -32,4 +32,5 @@ mod roundtrip;
 mod sealing;
 mod stress;
 mod unpack;
+mod uploads;
 mod verify;

@@ -784,8 +784,11 @@ fn bug6_a_layers_root_entry_sets_the_roots_mode_and_time() {
 // 7. Leftovers.
 // ---------------------------------------------------------------------------------------
 
+/// The bug: aborting a live ingest returned Ok and deleted its files under the writer.
+/// Now the abort marks the upload: nothing is removed while its writer holds it, the
+/// writer's next call fails clearly and removes it, and the ref is free afterwards.
 #[test]
-fn bug7_abort_of_a_live_ingest_is_refused_and_deletes_nothing() {
+fn bug7_abort_of_a_live_ingest_deletes_nothing_under_its_writer() {
     let dir = common::tempdir();
     let store = common::open_with(
         dir.path(),
@@ -795,16 +798,37 @@ fn bug7_abort_of_a_live_ingest_is_refused_and_deletes_nothing() {
     let mut ing = store.ingest("live", PutOptions::default()).expect("ingest");
     ing.write_all(&data[..100 * KIB]).expect("write");
     ing.sync().expect("sync");
+    let upload_dir = || {
+        std::fs::read_dir(dir.path().join("ingest"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name() != "tmp")
+            .count()
+    };
+    assert_eq!(upload_dir(), 1);
+    store.abort_ingest("live").expect("abort of a live upload");
+    // Still on disk under the writer, gone from status, and its ref still busy.
+    assert_eq!(upload_dir(), 1, "nothing is removed under a writer");
+    assert_eq!(store.upload("live").unwrap(), None);
+    assert!(store.uploads().unwrap().is_empty());
     assert!(matches!(
-        store.abort_ingest("live"),
+        store.ingest("live", PutOptions::default()),
         Err(Error::IngestBusy(_))
     ));
-    ing.write_all(&data[100 * KIB..]).expect("write");
-    let d = ing
-        .commit()
-        .expect("the writer commits after the refused abort")
-        .digest;
-    assert!(*store.get(&d).unwrap() == *data);
+    let err = ing.write_all(&data[100 * KIB..]).unwrap_err();
+    assert!(
+        matches!(err, Error::UploadAborted(ref r) if r == "live"),
+        "{err:?}"
+    );
+    assert!(err.is_refusal());
+    assert!(matches!(ing.commit(), Err(Error::UploadAborted(_))));
+    assert_eq!(upload_dir(), 0, "the writer removed it");
+    assert!(store.iter().next().is_none(), "nothing became visible");
+    let again = store
+        .ingest("live", PutOptions::default())
+        .expect("the ref is free");
+    assert_eq!(again.offset(), 0);
+    drop(again);
     // Once nothing writes it, a suspended one can be aborted.
     let mut ing = store
         .ingest("suspended", PutOptions::default())
