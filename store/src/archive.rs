@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use crate::backend::{Handle, Key};
 use crate::digest::{Algorithm, Digest, DualHasher};
@@ -23,7 +24,7 @@ use crate::format::{Kind, RECORD_HEADER_LEN, RecordHeader};
 use crate::image::{self, MAX_JSON, media};
 use crate::meta::Location;
 use crate::reference::Reference;
-use crate::store::{Batch, Hashed, Store};
+use crate::store::{Batch, Hashed, Store, check_interrupt};
 /// Small blobs held in memory during one import, at most; beyond it they spill to files.
 /// Also the most bytes of spilled small blobs read back at once when committing.
 const MEM_BUDGET: u64 = 32 << 20;
@@ -38,6 +39,11 @@ pub struct ImportOptions {
     pub tags: Vec<String>,
     /// Repository for images whose archive name is a bare tag (`latest`): `REPO:latest`.
     pub base_name: Option<String>,
+    /// Set from another thread to stop the import: it then fails with
+    /// [`Error::Interrupted`], commits nothing and removes what it staged (checked
+    /// between chunks of every blob and before the commit; an import past its commit
+    /// completes).
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// One imported image.
@@ -90,6 +96,8 @@ struct Stage<'s> {
     docs: HashMap<String, Vec<u8>>,
     /// fsyncs staged files in the background while the archive is still being read.
     syncer: Syncer,
+    /// The import's interrupt flag.
+    interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// A thread that syncs staged objects as they are finished, so that the durability of a
@@ -155,8 +163,9 @@ impl Drop for Stage<'_> {
 }
 
 impl<'s> Stage<'s> {
-    fn new(store: &'s Store) -> Stage<'s> {
+    fn new(store: &'s Store, opts: &ImportOptions) -> Stage<'s> {
         Stage {
+            interrupt: opts.interrupt.clone(),
             store,
             created: Vec::new(),
             mem: 0,
@@ -183,6 +192,7 @@ impl<'s> Stage<'s> {
         let data = if in_mem {
             let mut v = Vec::with_capacity(size.unwrap_or(0) as usize);
             loop {
+                check_interrupt(self.interrupt.as_ref())?;
                 let n = read_some(r, &mut buf)?;
                 if n == 0 {
                     break;
@@ -202,6 +212,7 @@ impl<'s> Stage<'s> {
             let mut next = vec![0u8; CHUNK];
             let mut n = read_full(r, &mut buf)?;
             while n > 0 {
+                check_interrupt(self.interrupt.as_ref())?;
                 let (chunk, spare, file) = (&buf[..n], &mut next, &*st.handle);
                 let (written, m) = h.update_overlapped(
                     chunk,
@@ -290,6 +301,7 @@ impl<'s> Stage<'s> {
         let mut ar = tar::Archive::new(r);
         let entries = ar.entries().map_err(|e| tar_err(&e))?;
         for e in entries {
+            check_interrupt(self.interrupt.as_ref())?;
             let mut e = e.map_err(|e| tar_err(&e))?;
             let path = e.path().map_err(|e| tar_err(&e))?;
             let path = normalize(&path.to_string_lossy())?;
@@ -450,7 +462,7 @@ impl Store {
     /// Imports a tar stream (OCI archive or `docker save`, as written by skopeo, umoci,
     /// Docker or `store export`).
     pub fn import_tar(&self, r: impl Read, opts: &ImportOptions) -> Result<ImportOutcome> {
-        let mut st = Stage::new(self);
+        let mut st = Stage::new(self, opts);
         st.read_tar(r)?;
         self.finish_import(st, opts)
     }
@@ -458,7 +470,7 @@ impl Store {
     /// Imports an OCI image layout directory. Only blobs that the index reaches are read;
     /// each must be a regular file (a symlink is refused).
     pub fn import_dir(&self, dir: &Path, opts: &ImportOptions) -> Result<ImportOutcome> {
-        let mut st = Stage::new(self);
+        let mut st = Stage::new(self, opts);
         for doc in ["oci-layout", "index.json", "manifest.json"] {
             let p = dir.join(doc);
             match std::fs::symlink_metadata(&p) {
@@ -520,7 +532,7 @@ impl Store {
             use rayon::prelude::*;
             layers
                 .par_iter()
-                .map(|(d, size)| stage_layer_file(self, dir, d, *size))
+                .map(|(d, size)| stage_layer_file(self, dir, d, *size, st.interrupt.as_ref()))
                 .collect()
         };
         for s in staged.iter().flatten() {
@@ -752,6 +764,7 @@ impl Store {
             ..ImportOutcome::default()
         };
         st.syncer.wait()?;
+        check_interrupt(st.interrupt.as_ref())?;
         let mut ordered: Vec<Digest> = kinds.keys().copied().collect();
         ordered.sort();
         // Blobs the store has already are not written again. A collection running now
@@ -912,6 +925,14 @@ fn tag_name(n: &str, image: &Digest) -> Result<Option<String>> {
     }
 }
 
+/// [`Error::Interrupted`] once `flag` is set.
+fn stop_if(flag: &AtomicBool) -> Result<()> {
+    if flag.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
+}
+
 /// Removes the import's short lease when the import ends, however it ends (a crash leaves
 /// it to expire).
 struct LeaseGuard<'s> {
@@ -979,7 +1000,13 @@ fn stage_file(st: &mut Stage<'_>, dir: &Path, d: &Digest, size: u64) -> Result<(
 
 /// Reads, hashes and stages one layer of a layout directory into a scratch object (on a
 /// worker thread; the caller merges the results). The object is closed when this returns.
-fn stage_layer_file(store: &Store, dir: &Path, d: &Digest, size: u64) -> Result<Stage1> {
+fn stage_layer_file(
+    store: &Store,
+    dir: &Path,
+    d: &Digest,
+    size: u64,
+    interrupt: Option<&Arc<AtomicBool>>,
+) -> Result<Stage1> {
     let (p, mut f, len) = open_layout_blob(dir, d)?;
     if len != size {
         return Err(Error::Archive(format!(
@@ -994,6 +1021,7 @@ fn stage_layer_file(store: &Store, dir: &Path, d: &Digest, size: u64) -> Result<
         let mut buf = vec![0u8; CHUNK];
         let mut at = RECORD_HEADER_LEN;
         loop {
+            check_interrupt(interrupt)?;
             let n = f.read(&mut buf).ctx("read", &p)?;
             if n == 0 {
                 break;
@@ -1205,6 +1233,19 @@ impl Store {
 
     /// Writes the images named by `refs` as an archive to `out` (byte-exact blobs).
     pub fn export(&self, refs: &[String], format: ExportFormat, out: impl Write) -> Result<()> {
+        self.export_with(refs, format, out, &AtomicBool::new(false))
+    }
+
+    /// [`Store::export`] that stops with [`Error::Interrupted`] once `interrupt` is set
+    /// (checked before every blob): what was written to `out` by then is a cut-short
+    /// archive, which [`Store::export_path`] never lets anyone see.
+    pub fn export_with(
+        &self,
+        refs: &[String],
+        format: ExportFormat,
+        out: impl Write,
+        interrupt: &AtomicBool,
+    ) -> Result<()> {
         let (index, blobs, chosen) = self.export_plan(refs)?;
         // Everything that can be refused is checked before the first byte is written.
         let docker_manifest = if format == ExportFormat::Docker {
@@ -1217,6 +1258,7 @@ impl Store {
         append(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
         let mut dirs = BTreeSet::new();
         for d in &blobs {
+            stop_if(interrupt)?;
             let dir = format!("blobs/{}/", d.algorithm().name());
             if dirs.insert(dir.clone()) {
                 append_dir(&mut tar, &dir).map_err(io)?;
@@ -1229,6 +1271,81 @@ impl Store {
             append(&mut tar, "manifest.json", &mj).map_err(io)?;
         }
         tar.into_inner().map_err(io)?.flush().map_err(io)
+    }
+
+    /// Exports to the file or directory `path` so that it appears whole or not at all: an
+    /// archive is written to a temporary file beside it, synced and renamed over `path`;
+    /// an OCI layout directory ([`ExportFormat::OciDir`]) is built beside it and renamed
+    /// into place (`path` must not exist or be an empty directory). An error or an
+    /// interrupt removes the temporary.
+    pub fn export_path(
+        &self,
+        refs: &[String],
+        format: ExportFormat,
+        path: &Path,
+        interrupt: &AtomicBool,
+    ) -> Result<()> {
+        if format == ExportFormat::OciDir {
+            return self.export_dir_with(refs, path, interrupt);
+        }
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let dir = dir.unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).ctx("create", dir)?;
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        self.export_with(refs, format, &mut w, interrupt)?;
+        w.flush().ctx("write", path)?;
+        drop(w);
+        tmp.as_file().sync_all().ctx("fsync", tmp.path())?;
+        tmp.persist(path)
+            .map_err(|e| Error::io("rename", path, e.error))?;
+        Ok(())
+    }
+
+    /// Writes the images named by `refs` as an OCI image layout directory `dir` (created;
+    /// it must not exist or be empty).
+    pub fn export_dir(&self, refs: &[String], dir: &Path) -> Result<()> {
+        self.export_dir_with(refs, dir, &AtomicBool::new(false))
+    }
+
+    /// [`Store::export_dir`], built in a directory beside `dir` and renamed into place,
+    /// so that `dir` appears whole or not at all; stops with [`Error::Interrupted`] once
+    /// `interrupt` is set (checked before every blob).
+    pub fn export_dir_with(
+        &self,
+        refs: &[String],
+        dir: &Path,
+        interrupt: &AtomicBool,
+    ) -> Result<()> {
+        if dir.exists() && std::fs::read_dir(dir).ctx("list", dir)?.next().is_some() {
+            return Err(Error::Invalid(format!("{} is not empty", dir.display())));
+        }
+        let (index, blobs, _) = self.export_plan(refs)?;
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        let parent = parent.unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).ctx("create directory", parent)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".export-")
+            .tempdir_in(parent)
+            .ctx("create directory", parent)?;
+        let t = tmp.path();
+        std::fs::write(t.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .ctx("write", &t.join("oci-layout"))?;
+        for d in &blobs {
+            stop_if(interrupt)?;
+            let bdir = t.join("blobs").join(d.algorithm().name());
+            std::fs::create_dir_all(&bdir).ctx("create directory", &bdir)?;
+            let p = bdir.join(d.hex());
+            std::fs::write(&p, &*self.get(d)?).ctx("write", &p)?;
+        }
+        std::fs::write(t.join("index.json"), &index).ctx("write", &t.join("index.json"))?;
+        // A layout directory is 0755 like any `mkdir`, not a tempdir's 0700.
+        std::fs::set_permissions(t, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .ctx("chmod", t)?;
+        // rename(2) replaces an empty directory, and refuses a non-empty one.
+        std::fs::rename(t, dir).ctx("rename", dir)?;
+        // Renamed away: nothing is left for the guard to remove.
+        let _ = tmp.keep();
+        Ok(())
     }
 
     /// The `manifest.json` of a docker archive for `chosen` (single-platform images only).
@@ -1255,26 +1372,6 @@ impl Store {
             }));
         }
         serde_json::to_vec(&entries).map_err(|e| Error::Archive(e.to_string()))
-    }
-
-    /// Writes the images named by `refs` as an OCI image layout directory `dir` (created;
-    /// it must not exist or be empty).
-    pub fn export_dir(&self, refs: &[String], dir: &Path) -> Result<()> {
-        if dir.exists() && std::fs::read_dir(dir).ctx("list", dir)?.next().is_some() {
-            return Err(Error::Invalid(format!("{} is not empty", dir.display())));
-        }
-        let (index, blobs, _) = self.export_plan(refs)?;
-        std::fs::create_dir_all(dir).ctx("create directory", dir)?;
-        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
-            .ctx("write", &dir.join("oci-layout"))?;
-        for d in &blobs {
-            let bdir = dir.join("blobs").join(d.algorithm().name());
-            std::fs::create_dir_all(&bdir).ctx("create directory", &bdir)?;
-            let p = bdir.join(d.hex());
-            std::fs::write(&p, &*self.get(d)?).ctx("write", &p)?;
-        }
-        std::fs::write(dir.join("index.json"), &index).ctx("write", &dir.join("index.json"))?;
-        Ok(())
     }
 }
 

@@ -457,18 +457,10 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
         } => {
             let store = open_reading()?;
             let format = crate::archive::ExportFormat::from(*format);
-            if format == crate::archive::ExportFormat::OciDir {
-                store.export_dir(refs, output)?;
-            } else if output.as_os_str() == "-" {
+            if output.as_os_str() == "-" && format != crate::archive::ExportFormat::OciDir {
                 store.export(refs, format, &mut *out)?;
             } else {
-                let dir = output.parent().filter(|p| !p.as_os_str().is_empty());
-                let dir = dir.unwrap_or(Path::new("."));
-                let mut tmp = tempfile::NamedTempFile::new_in(dir).ctx("create", dir)?;
-                store.export(refs, format, std::io::BufWriter::new(tmp.as_file_mut()))?;
-                tmp.as_file().sync_all().ctx("fsync", tmp.path())?;
-                tmp.persist(output)
-                    .map_err(|e| Error::io("rename", output, e.error))?;
+                store.export_path(refs, format, output, &AtomicBool::new(false))?;
             }
         }
         Command::Images { json } => {

@@ -92,6 +92,16 @@ pub enum Error {
         /// Bytes received.
         actual: u64,
     },
+    /// A read range starts past the end of the blob.
+    #[error("range starts at byte {offset}, past the end of blob {digest} ({size} bytes)")]
+    OutOfRange {
+        /// The blob.
+        digest: Digest,
+        /// Where the range was asked to start.
+        offset: u64,
+        /// The blob's size.
+        size: u64,
+    },
     /// A digest string or key is malformed.
     #[error(transparent)]
     Digest(#[from] DigestError),
@@ -217,6 +227,8 @@ pub enum ErrorKind {
     /// The content does not match the digest or size the caller gave (400,
     /// `DIGEST_INVALID` / `SIZE_INVALID`).
     Mismatch,
+    /// A read range starts past the end of the blob (416).
+    OutOfRange,
     /// The change conflicts with what the store holds: an image in use, a blob still
     /// referenced (409).
     Conflict,
@@ -279,6 +291,7 @@ impl Error {
             | Error::Invalid(_)
             | Error::NotAnImage(_) => ErrorKind::Invalid,
             Error::MissingChildren { .. } => ErrorKind::MissingChildren,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
             Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => ErrorKind::Mismatch,
             Error::InUse { .. } => ErrorKind::Conflict,
             Error::IngestBusy(_) | Error::Locked { .. } => ErrorKind::Busy,
@@ -294,7 +307,8 @@ impl Error {
     /// Whether the store refused the caller's request or content (it then committed
     /// nothing): a client error in HTTP terms, as opposed to a failure of the storage.
     /// True for [`ErrorKind::NotFound`], [`ErrorKind::Invalid`],
-    /// [`ErrorKind::MissingChildren`], [`ErrorKind::Mismatch`], [`ErrorKind::Conflict`],
+    /// [`ErrorKind::MissingChildren`], [`ErrorKind::Mismatch`], [`ErrorKind::OutOfRange`],
+    /// [`ErrorKind::Conflict`],
     /// and for an ingest ref already being written ([`Error::IngestBusy`]).
     pub fn is_refusal(&self) -> bool {
         match self.kind() {
@@ -302,6 +316,7 @@ impl Error {
             | ErrorKind::Invalid
             | ErrorKind::MissingChildren
             | ErrorKind::Mismatch
+            | ErrorKind::OutOfRange
             | ErrorKind::Conflict => !matches!(self, Error::NoStore { .. }),
             ErrorKind::Busy => matches!(self, Error::IngestBusy(_)),
             _ => false,

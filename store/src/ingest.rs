@@ -590,9 +590,12 @@ impl Ingest {
 
     /// Appends bytes. Fails with [`Error::SizeMismatch`] as soon as the stream exceeds the
     /// expected size, refuses a manifest or index larger than the store parses, and fails
-    /// with [`Error::UploadAborted`] once the upload was aborted (it is then discarded).
+    /// with [`Error::UploadAborted`] once the upload was aborted (it is then discarded),
+    /// or [`Error::Interrupted`] once `PutOptions::interrupt` is set (the upload stays, for
+    /// its owner to suspend or drop).
     pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
         self.alive()?;
+        crate::store::check_interrupt(self.opts.interrupt.as_ref())?;
         let actual = self.offset() + data.len() as u64;
         if let Some(expected) = self.opts.expected_size
             && actual > expected
@@ -817,6 +820,7 @@ impl Ingest {
     }
 
     fn commit_inner(&mut self, digest: Option<Digest>, size: Option<u64>) -> Result<Descriptor> {
+        crate::store::check_interrupt(self.opts.interrupt.as_ref())?;
         self.flush_buf()?;
         let written = self.written;
         let hasher = std::mem::replace(&mut self.hasher, DualHasher::new(Algorithm::Sha256));

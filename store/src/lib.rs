@@ -16,6 +16,8 @@
 //! # Ok::<(), layerstore::Error>(())
 //! ```
 
+#[cfg(feature = "tokio")]
+pub mod aio;
 pub mod archive;
 pub mod backend;
 mod blobs;

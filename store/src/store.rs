@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rayon::prelude::*;
@@ -131,6 +131,10 @@ pub struct PutOptions {
     pub lease: Option<String>,
     /// For a manifest or index: refuse it (storing nothing) if a child is not stored.
     pub require_children: bool,
+    /// Set from another thread to stop the put: it then fails with
+    /// [`Error::Interrupted`] and stores nothing (checked between chunks and before the
+    /// commit; a put past its commit completes).
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl PutOptions {
@@ -163,6 +167,21 @@ impl PutOptions {
     pub fn require_children(mut self, yes: bool) -> Self {
         self.require_children = yes;
         self
+    }
+    /// Stops the put when `flag` is set ([`PutOptions::interrupt`]).
+    #[must_use]
+    pub fn interrupt(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.interrupt = Some(flag);
+        self
+    }
+}
+
+/// [`Error::Interrupted`] if the optional interrupt flag of an operation is set: the one
+/// check every interruptible loop makes.
+pub(crate) fn check_interrupt(flag: Option<&Arc<AtomicBool>>) -> Result<()> {
+    match flag {
+        Some(f) if f.load(Ordering::Relaxed) => Err(Error::Interrupted),
+        _ => Ok(()),
     }
 }
 
@@ -549,6 +568,7 @@ impl Store {
         h.update(data);
         let (digest, blake3) = h.finish();
         check_expected(&opts, digest, data.len() as u64)?;
+        check_interrupt(opts.interrupt.as_ref())?;
         let item = Hashed {
             data,
             digest,
@@ -588,6 +608,7 @@ impl Store {
             let mut h = DualHasher::new(alg);
             let mut at = RECORD_HEADER_LEN;
             for (i, chunk) in data.chunks(1 << 20).enumerate() {
+                check_interrupt(opts.interrupt.as_ref())?;
                 let (w, ()) = h.update_overlapped(
                     chunk,
                     || crate::backend::write_all_at(&*handle, chunk, at),
@@ -618,7 +639,10 @@ impl Store {
         let discard = || {
             let _ = files.backend.remove(&st.key);
         };
-        let (digest, blake3) = match written {
+        let (digest, blake3) = match written.and_then(|x| {
+            check_interrupt(opts.interrupt.as_ref())?;
+            Ok(x)
+        }) {
             Ok(x) => x,
             Err(e) => {
                 discard();
@@ -765,12 +789,21 @@ impl Store {
         self.snapshot()?.get(d)
     }
 
-    /// `len` bytes of a blob from `offset` (clamped to the blob's end).
+    /// `len` bytes of a blob from `offset`, clamped to the blob's end (as an HTTP range
+    /// is). An `offset` past the end is [`Error::OutOfRange`]; at the end, the range is
+    /// empty.
     pub fn read_range(&self, d: &Digest, offset: u64, len: u64) -> Result<Blob> {
         let b = self.get(d)?;
-        let start = (offset.min(b.len() as u64)) as usize;
-        let end = (offset.saturating_add(len).min(b.len() as u64)) as usize;
-        Ok(b.slice(start..end))
+        let size = b.len() as u64;
+        if offset > size {
+            return Err(Error::OutOfRange {
+                digest: *d,
+                offset,
+                size,
+            });
+        }
+        let end = offset.saturating_add(len).min(size) as usize;
+        Ok(b.slice(offset as usize..end))
     }
 
     /// A `Read + Seek` reader over a blob.

@@ -32,6 +32,10 @@ use crate::store::Store;
 pub struct UnpackOptions {
     /// For an index: `os/arch[/variant]` (default: this machine's, e.g. `linux/amd64`).
     pub platform: Option<String>,
+    /// Set from another thread to stop the unpack: it then fails with
+    /// [`Error::Interrupted`] and removes the partial tree (checked before every tar
+    /// entry; an unpack past its final rename completes).
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What an unpack did.
@@ -884,7 +888,7 @@ impl Store {
             std::process::id()
         ));
         std::fs::create_dir(&tmp).ctx("create directory", &tmp)?;
-        let r = unpack_into(&tmp, &blobs, &info.diff_ids, d);
+        let r = unpack_into(&tmp, &blobs, &info.diff_ids, d, opts.interrupt.as_ref());
         match r {
             Ok(mut report) => {
                 crate::sys::rename_noreplace(&tmp, dir).map_err(|e| {
@@ -916,6 +920,7 @@ fn unpack_into(
     blobs: &[crate::Blob],
     diff_ids: &[String],
     manifest: Digest,
+    interrupt: Option<&std::sync::Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<UnpackReport> {
     let root = rustix::fs::open(
         tmp,
@@ -963,6 +968,7 @@ fn unpack_into(
                 .entries()
                 .map_err(|e| bad(format!("layer {i}: {}", printable(&e.to_string()))))?;
             for entry in entries {
+                crate::store::check_interrupt(interrupt)?;
                 match entry {
                     Ok(e) => tree.apply(e)?,
                     // Real tools write layers without the end-of-archive trailer (or its

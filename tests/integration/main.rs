@@ -8,6 +8,7 @@
 //! unpacking (`unpack`). Shared fixtures live in `common`; real images are built by
 //! `tests/fixtures/make-images.sh` with umoci, skopeo and buildah.
 
+mod asyncapi;
 mod cli;
 mod common;
 mod concurrency;
@@ -20,6 +21,7 @@ mod hostile;
 mod images;
 mod ingest;
 mod interop;
+mod interrupt;
 mod locking;
 mod mismatch;
 mod model;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use layerstore::format::{RECORD_HEADER_LEN, RecordHeader, SEGMENT_HEADER_LEN};
-use layerstore::{Algorithm, Descriptor, Digest, Location, Options, PutOptions, Store};
+use layerstore::{Algorithm, Descriptor, Digest, Error, Location, Options, PutOptions, Store};
 
 use crate::common::{self, DEFAULT_LARGE, KIB, MIB};
 
@@ -189,8 +189,13 @@ fn round_trip_10k_mixed_sizes() {
         let r = store.read_range(d, off, len).expect("read_range");
         let end = (off + len).min(n) as usize;
         assert!(*r == data[off as usize..end], "range of {d}");
-        let past = store.read_range(d, n + 5, 10).expect("read_range past end");
-        assert!(past.is_empty(), "a range past the end is empty");
+        let past = store.read_range(d, n + 5, 10).unwrap_err();
+        assert!(
+            matches!(past, Error::OutOfRange { offset, size, .. } if offset == n + 5 && size == n),
+            "a range past the end: {past:?}"
+        );
+        assert_eq!(past.kind(), layerstore::ErrorKind::OutOfRange);
+        assert!(store.read_range(d, n, 10).expect("at the end").is_empty());
         let mut rd = store.reader(d).expect("reader");
         rd.seek(SeekFrom::Start(n / 2)).expect("seek");
         let mut tail = Vec::new();
