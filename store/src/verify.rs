@@ -767,7 +767,6 @@ impl Store {
         txn: &redb::ReadTransaction,
         entries: &[(Digest, BlobEntry)],
     ) -> Result<Vec<Problem>> {
-        let mut out = Vec::new();
         let files = &self.inner.files;
         let segments = txn.open_table(meta::SEGMENTS)?;
         // The blobs of each segment, by record start.
@@ -780,8 +779,12 @@ impl Store {
                     .push((offset.saturating_sub(crate::format::RECORD_HEADER_LEN), *d));
             }
         }
+        // Problems by segment, confirmed against a fresh snapshot at the end: a compaction
+        // running meanwhile retires (and unlinks) segments this run's snapshot still names.
+        let mut suspect: Vec<(u64, Vec<Problem>)> = Vec::new();
         for r in segments.iter()? {
             let (k, v) = r?;
+            let mut out = Vec::new();
             let (id, row) = (k.value(), meta::SegmentRow::decode(v.value())?);
             let key = crate::backend::Key::Segment {
                 shard: row.shard,
@@ -794,15 +797,22 @@ impl Store {
                 Ok(s) => s,
                 Err(Error::Corrupt(msg)) => {
                     out.push(Problem::file(ProblemKind::Segment, path, msg));
+                    suspect.push((id, out));
                     continue;
                 }
                 Err(e) => {
                     out.push(Problem::file(ProblemKind::Io, path, e.to_string()));
+                    suspect.push((id, out));
                     continue;
                 }
             };
-            if let Some(why) = self.segment_header_problem(&key, row.shard, id)? {
-                out.push(Problem::file(ProblemKind::Segment, path.clone(), why));
+            match self.segment_header_problem(&key, row.shard, id) {
+                Ok(None) => {}
+                Ok(Some(why)) => out.push(Problem::file(ProblemKind::Segment, path.clone(), why)),
+                Err(Error::Corrupt(why)) => {
+                    out.push(Problem::file(ProblemKind::Segment, path.clone(), why));
+                }
+                Err(e) => out.push(Problem::file(ProblemKind::Io, path.clone(), e.to_string())),
             }
             let blobs = by_segment.get(&id).map_or(&[][..], Vec::as_slice);
             for dmg in &scan.damaged {
@@ -840,6 +850,20 @@ impl Store {
                         .map(|(_, e)| e.location);
                     out.push(p);
                 }
+            }
+            if !out.is_empty() {
+                suspect.push((id, out));
+            }
+        }
+        let mut out = Vec::new();
+        if suspect.is_empty() {
+            return Ok(out);
+        }
+        let fresh = self.inner.meta.read()?;
+        let now = fresh.open_table(meta::SEGMENTS)?;
+        for (id, found) in suspect {
+            if redb::ReadableTable::get(&now, id)?.is_some() {
+                out.extend(found);
             }
         }
         Ok(out)
