@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
@@ -19,7 +20,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::store::{Options, PutOptions, Store};
 
 /// The `store` command: a content-addressed store for container image content.
-#[derive(Debug, Parser)]
+#[derive(Debug, Parser, serde::Serialize, serde::Deserialize)]
 #[command(name = "store", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Store root directory [default: `$STORE_ROOT`, else `$XDG_DATA_HOME/layerstore`, else
@@ -36,7 +37,9 @@ pub struct Cli {
 
 /// `--format` of `store export`: the library's [`crate::ExportFormat`], which carries no
 /// CLI derives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum FormatArg {
     /// An OCI image layout in a tar (what `skopeo copy oci-archive:` reads).
     Oci,
@@ -57,7 +60,7 @@ impl From<FormatArg> for crate::ExportFormat {
 }
 
 /// Top-level commands.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum Command {
     /// Create a store with chosen settings (any write creates one with defaults).
     Init {
@@ -202,7 +205,7 @@ pub enum Command {
 }
 
 /// `store image ...`
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum ImageCommand {
     /// Remove dangling images (no name, no container); with `--all`, every image no
     /// container uses (their names first), as `docker image prune` does.
@@ -220,7 +223,7 @@ pub enum ImageCommand {
 }
 
 /// `store container ...`
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum ContainerCommand {
     /// Record a container using an image; prints its id.
     Create {
@@ -246,7 +249,7 @@ pub enum ContainerCommand {
 }
 
 /// `store lease ...`
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum LeaseCommand {
     /// Create a lease; prints its id.
     Create {
@@ -276,7 +279,7 @@ pub enum LeaseCommand {
 }
 
 /// `store blob ...`
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Subcommand, serde::Serialize, serde::Deserialize)]
 pub enum BlobCommand {
     /// Store files (or `-` for standard input); prints one digest per input, in order.
     Put {
@@ -308,6 +311,51 @@ pub enum BlobCommand {
     },
 }
 
+impl Cli {
+    /// Makes the command's relative paths absolute against `cwd`, and names the root
+    /// explicitly: the form in which another process can run it.
+    pub fn absolutize(&mut self, root: &Path, cwd: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.as_os_str() != "-" && p.is_relative() {
+                *p = cwd.join(&*p);
+            }
+        };
+        let mut root = root.to_owned();
+        abs(&mut root);
+        self.root = Some(root);
+        match &mut self.command {
+            Command::Import { path, .. } => abs(path),
+            Command::Export { output, .. } => abs(output),
+            Command::Unpack { dir, .. } => abs(dir),
+            Command::Blob(BlobCommand::Put { files }) => files.iter_mut().for_each(abs),
+            Command::Blob(BlobCommand::Get {
+                output: Some(o), ..
+            }) => abs(o),
+            _ => {}
+        }
+    }
+}
+
+/// The exit status of a finished command, its error (if any) written to `err` as
+/// `store: error: ...`: 0 on success (a closed pipe on standard output, as in
+/// `store blob ls | head`, is the reader's choice, not a failure), 3 when a check found
+/// problems (they are in the report already), 1 otherwise. Standard output must be
+/// flushed first, so the error comes after what was printed.
+pub fn exit_status(r: &Result<()>, err: &mut dyn Write) -> u8 {
+    match r {
+        Ok(()) => 0,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(Error::ProblemsFound(n)) => {
+            let _ = writeln!(err, "store: {n} problem(s) found");
+            3
+        }
+        Err(e) => {
+            let _ = writeln!(err, "store: error: {e}");
+            1
+        }
+    }
+}
+
 /// Resolves the store root: `--root`, else `$STORE_ROOT`, else the XDG data directory.
 pub fn default_root(flag: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = flag {
@@ -328,14 +376,84 @@ pub fn default_root(flag: Option<&Path>) -> Result<PathBuf> {
     ))
 }
 
-/// Runs a parsed command line, writing results to `out`.
+/// Where a command runs: in this process, opening the store itself, or in the process
+/// that holds the store open, serving it to a `store` command of another process
+/// ([`crate::admin`]).
+pub struct Session {
+    /// The served store: every open returns it.
+    served: Option<Store>,
+    /// Standard input (the client's, when served); `None`: this process's.
+    stdin: Option<std::sync::Mutex<File>>,
+    /// Set to stop a long command (the client went away).
+    interrupt: Arc<AtomicBool>,
+}
+
+impl Session {
+    /// A command run by this process on a store it opens.
+    pub fn local() -> Session {
+        Session {
+            served: None,
+            stdin: None,
+            interrupt: Arc::default(),
+        }
+    }
+
+    /// A command served on `store` for another process: its standard input is `stdin`,
+    /// and `interrupt` stops long work. Progress is never drawn (the terminal is the
+    /// other process's).
+    pub fn served(store: Store, stdin: File, interrupt: Arc<AtomicBool>) -> Session {
+        Session {
+            served: Some(store),
+            stdin: Some(std::sync::Mutex::new(stdin)),
+            interrupt,
+        }
+    }
+
+    fn open(&self, root: &Path, opts: Options) -> Result<Store> {
+        match &self.served {
+            Some(s) => Ok(s.clone()),
+            None => Store::open(root, opts),
+        }
+    }
+
+    fn open_existing(&self, root: &Path) -> Result<Store> {
+        self.open(root, Options::default().create(false))
+    }
+
+    fn read_only(&self, root: &Path) -> Result<Store> {
+        match &self.served {
+            Some(s) => Ok(s.clone()),
+            None => open_read_only(root),
+        }
+    }
+
+    /// Whether progress must stay hidden whatever the terminal.
+    fn quiet(&self, quiet: bool) -> bool {
+        quiet || self.served.is_some()
+    }
+
+    fn with_stdin<T>(&self, f: impl FnOnce(&mut dyn Read) -> Result<T>) -> Result<T> {
+        match &self.stdin {
+            Some(m) => f(&mut *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
+            None => f(&mut std::io::stdin().lock()),
+        }
+    }
+}
+
+/// Runs a parsed command line in this process, writing results to `out`.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
+    run_in(cli, &Session::local(), out)
+}
+
+/// Runs a parsed command line in `session`, writing results to `out`.
+pub fn run_in(cli: &Cli, session: &Session, out: &mut dyn Write) -> Result<()> {
     let root = default_root(cli.root.as_deref())?;
-    let open_existing = || Store::open(&root, Options::default().create(false));
-    let open_reading = || open_read_only(&root);
+    let open_existing = || session.open_existing(&root);
+    let open_reading = || session.read_only(&root);
+    let interrupt = &*session.interrupt;
     match &cli.command {
         Command::Init { shards } => {
-            let s = Store::open(&root, Options::default().shards(*shards))?;
+            let s = session.open(&root, Options::default().shards(*shards))?;
             let info = s.info()?;
             if info.shards != *shards {
                 return Err(Error::Invalid(format!(
@@ -380,8 +498,8 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             }
         }
         Command::Blob(BlobCommand::Put { files }) => {
-            let store = Store::open(&root, Options::default())?;
-            put_files(&store, files, cli.quiet, out)?;
+            let store = session.open(&root, Options::default())?;
+            put_files(&store, files, session, session.quiet(cli.quiet), out)?;
         }
         Command::Blob(BlobCommand::Get { digest, output }) => {
             let d = Digest::parse(digest)?;
@@ -431,12 +549,14 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             base_name,
             json,
         } => {
-            let store = Store::open(&root, Options::default())?;
-            let mut opts = crate::archive::ImportOptions::default();
-            opts.tags.clone_from(tags);
-            opts.base_name.clone_from(base_name);
+            let store = session.open(&root, Options::default())?;
+            let opts = crate::archive::ImportOptions {
+                tags: tags.clone(),
+                base_name: base_name.clone(),
+                interrupt: Some(session.interrupt.clone()),
+            };
             let outcome = if path.as_os_str() == "-" {
-                store.import_tar(std::io::stdin().lock(), &opts)?
+                session.with_stdin(|r| store.import_tar(r, &opts))?
             } else {
                 store.import_path(path, &opts)?
             };
@@ -458,9 +578,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             let store = open_reading()?;
             let format = crate::archive::ExportFormat::from(*format);
             if output.as_os_str() == "-" && format != crate::archive::ExportFormat::OciDir {
-                store.export(refs, format, &mut *out)?;
+                store.export_with(refs, format, &mut *out, interrupt)?;
             } else {
-                store.export_path(refs, format, output, &AtomicBool::new(false))?;
+                store.export_path(refs, format, output, interrupt)?;
             }
         }
         Command::Images { json } => {
@@ -504,8 +624,8 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                 }
             }
         }
-        Command::Container(c) => container_cmd(&root, c, out)?,
-        Command::Lease(c) => lease_cmd(&root, c, out)?,
+        Command::Container(c) => container_cmd(session, &root, c, out)?,
+        Command::Lease(c) => lease_cmd(session, &root, c, out)?,
         Command::Gc {
             dry_run,
             grace,
@@ -521,8 +641,8 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                 .dry_run(*dry_run)
                 .grace(*grace)
                 .drop_referrers(*drop_referrers);
-            let bar = GcBar::new(cli.quiet || *json);
-            let report = store.gc_progress(&opts, &AtomicBool::new(false), &bar)?;
+            let bar = GcBar::new(session.quiet(cli.quiet) || *json);
+            let report = store.gc_progress(&opts, interrupt, &bar)?;
             bar.0.finish_and_clear();
             if *json {
                 write_json(out, &report)?;
@@ -542,12 +662,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                     }
                 }
             }
-            let bar = GcBar::new(cli.quiet || *json);
-            let report = store.gc_progress(
-                &crate::GcOptions::default().grace(*grace),
-                &AtomicBool::new(false),
-                &bar,
-            )?;
+            let bar = GcBar::new(session.quiet(cli.quiet) || *json);
+            let report =
+                store.gc_progress(&crate::GcOptions::default().grace(*grace), interrupt, &bar)?;
             bar.0.finish_and_clear();
             if *json {
                 #[derive(serde::Serialize)]
@@ -587,10 +704,10 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
                 crate::Depth::Digest
             };
             let total = store.info()?.bytes;
-            let bar = progress(total, cli.quiet || *json);
+            let bar = progress(total, session.quiet(cli.quiet) || *json);
             let report = store.verify(
                 &crate::VerifyOptions::depth(depth).repair(*repair),
-                &AtomicBool::new(false),
+                interrupt,
                 &|n| bar.set_position(n),
             )?;
             bar.finish_and_clear();
@@ -605,6 +722,13 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             }
         }
         Command::Repair { json, .. } => {
+            if session.served.is_some() {
+                return Err(Error::Invalid(format!(
+                    "repair rebuilds the index of {} and needs it closed, but a process \
+                     holds it open (serving this command): stop that process first",
+                    root.display()
+                )));
+            }
             let report = crate::repair::rebuild_index(&root)?;
             if *json {
                 write_json(out, &report)?;
@@ -638,6 +762,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<()> {
             let store = open_reading()?;
             let mut opts = crate::unpack::UnpackOptions::default();
             opts.platform.clone_from(platform);
+            opts.interrupt = Some(session.interrupt.clone());
             let report = store.unpack(reference, dir, &opts)?;
             if *json {
                 write_json(out, &report)?;
@@ -706,15 +831,20 @@ fn open_read_only(root: &Path) -> Result<Store> {
     }
 }
 
-fn container_cmd(root: &Path, c: &ContainerCommand, out: &mut dyn Write) -> Result<()> {
+fn container_cmd(
+    session: &Session,
+    root: &Path,
+    c: &ContainerCommand,
+    out: &mut dyn Write,
+) -> Result<()> {
     match c {
         ContainerCommand::Create { image, name } => {
-            let store = Store::open(root, Options::default().create(false))?;
+            let store = session.open_existing(root)?;
             let rec = store.container_create(image, name.as_deref())?;
             writeln!(out, "{}", rec.id).map_err(stdout_err)
         }
         ContainerCommand::Rm { containers } => {
-            let store = Store::open(root, Options::default().create(false))?;
+            let store = session.open_existing(root)?;
             for c in containers {
                 let rec = store.container_remove(c)?;
                 writeln!(out, "{}", rec.id).map_err(stdout_err)?;
@@ -722,7 +852,7 @@ fn container_cmd(root: &Path, c: &ContainerCommand, out: &mut dyn Write) -> Resu
             Ok(())
         }
         ContainerCommand::Ls { json } => {
-            let list = open_read_only(root)?.containers()?;
+            let list = session.read_only(root)?.containers()?;
             if *json {
                 return write_json(out, &list);
             }
@@ -743,25 +873,23 @@ fn container_cmd(root: &Path, c: &ContainerCommand, out: &mut dyn Write) -> Resu
     }
 }
 
-fn lease_cmd(root: &Path, c: &LeaseCommand, out: &mut dyn Write) -> Result<()> {
+fn lease_cmd(session: &Session, root: &Path, c: &LeaseCommand, out: &mut dyn Write) -> Result<()> {
     match c {
         LeaseCommand::Create { expire } => {
-            let store = Store::open(root, Options::default())?;
+            let store = session.open(root, Options::default())?;
             let rec = store.lease_create(*expire)?;
             writeln!(out, "{}", rec.id).map_err(stdout_err)
         }
-        LeaseCommand::Rm { id } => {
-            Store::open(root, Options::default().create(false))?.lease_remove(id)
-        }
+        LeaseCommand::Rm { id } => session.open_existing(root)?.lease_remove(id),
         LeaseCommand::Add { id, digests } => {
             let ds = digests
                 .iter()
                 .map(|d| Digest::parse(d))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            Store::open(root, Options::default().create(false))?.lease_add(id, &ds)
+            session.open_existing(root)?.lease_add(id, &ds)
         }
         LeaseCommand::Ls { json } => {
-            let list = open_read_only(root)?.leases()?;
+            let list = session.read_only(root)?.leases()?;
             if *json {
                 return write_json(out, &list);
             }
@@ -1032,7 +1160,13 @@ fn write_json(out: &mut dyn Write, v: &impl serde::Serialize) -> Result<()> {
 /// Budget of small files read into memory for one `put_many` batch.
 const BATCH_BYTES: u64 = 64 << 20;
 
-fn put_files(store: &Store, files: &[PathBuf], quiet: bool, out: &mut dyn Write) -> Result<()> {
+fn put_files(
+    store: &Store,
+    files: &[PathBuf],
+    session: &Session,
+    quiet: bool,
+    out: &mut dyn Write,
+) -> Result<()> {
     let threshold = Options::default().large_threshold;
     let mut sizes = Vec::with_capacity(files.len());
     for f in files {
@@ -1070,7 +1204,7 @@ fn put_files(store: &Store, files: &[PathBuf], quiet: bool, out: &mut dyn Write)
                 // which the next open discards.
                 let mut ing = store.ingest_unnamed(PutOptions::default())?;
                 if path.as_os_str() == "-" {
-                    ing.write_from(&mut std::io::stdin().lock())?;
+                    session.with_stdin(|mut r| ing.write_from(&mut r))?;
                 } else {
                     let mut f = File::open(path).ctx("open", path)?;
                     ing.write_from(&mut ProgressRead(&mut f, &bar))?;

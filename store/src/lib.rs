@@ -16,6 +16,8 @@
 //! # Ok::<(), layerstore::Error>(())
 //! ```
 
+#[cfg(feature = "cli")]
+pub mod admin;
 #[cfg(feature = "tokio")]
 pub mod aio;
 pub mod archive;

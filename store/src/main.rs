@@ -1,4 +1,6 @@
-//! The `store` binary: parses arguments and hands them to [`layerstore::cli::run`].
+//! The `store` binary: parses arguments and hands them to [`layerstore::cli::run`]; when
+//! another process holds the store, to that process through its admin socket
+//! ([`layerstore::admin`]).
 
 use std::process::ExitCode;
 
@@ -8,24 +10,17 @@ fn main() -> ExitCode {
     let cli = layerstore::cli::Cli::parse();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
-    match layerstore::cli::run(&cli, &mut out) {
-        Ok(()) => ExitCode::SUCCESS,
-        // A closed pipe (`store blob ls | head`) is the reader's choice, not a failure.
-        Err(layerstore::Error::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::BrokenPipe =>
-        {
-            ExitCode::SUCCESS
-        }
-        // Problems are in the report already; the status says there were some.
-        Err(layerstore::Error::ProblemsFound(n)) => {
-            drop(out);
-            eprintln!("store: {n} problem(s) found");
-            ExitCode::from(3)
-        }
-        Err(e) => {
-            drop(out);
-            eprintln!("store: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let r = layerstore::cli::run(&cli, &mut out);
+    drop(out);
+    // Every command opens the store before it reads input or writes output, so a locked
+    // store is found before anything was done here: hand the command over.
+    let r = match r {
+        Err(layerstore::Error::Locked { path }) => match layerstore::admin::forward(&path, cli) {
+            Ok(Some(code)) => return ExitCode::from(code),
+            Ok(None) => Err(layerstore::Error::Locked { path }),
+            Err(e) => Err(e),
+        },
+        r => r,
+    };
+    ExitCode::from(layerstore::cli::exit_status(&r, &mut std::io::stderr()))
 }

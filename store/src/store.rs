@@ -272,6 +272,15 @@ pub struct Store {
     pub(crate) inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("root", &self.inner.root)
+            .field("read_only", &self.inner.opts.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
 pub(crate) struct Inner {
     pub root: PathBuf,
     pub opts: Options,
@@ -536,6 +545,11 @@ impl Store {
                 _lock: lock,
             }),
         })
+    }
+
+    /// Whether the store was opened read-only (`Options::read_only`).
+    pub fn is_read_only(&self) -> bool {
+        self.inner.opts.read_only
     }
 
     /// The store root.

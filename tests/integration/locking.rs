@@ -60,8 +60,7 @@ fn second_open_in_process_is_locked() {
     };
     expect_locked("while the first handle is open");
     let msg = Store::open(&root, Options::default().create(false))
-        .err()
-        .expect("locked")
+        .expect_err("locked")
         .to_string();
     assert!(
         msg.contains("locked") && msg.contains(&root.display().to_string()),

@@ -8,6 +8,7 @@
 //! unpacking (`unpack`). Shared fixtures live in `common`; real images are built by
 //! `tests/fixtures/make-images.sh` with umoci, skopeo and buildah.
 
+mod admin;
 mod asyncapi;
 mod cli;
 mod common;
