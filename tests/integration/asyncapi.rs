@@ -198,6 +198,69 @@ fn a_current_thread_runtime_never_does_store_io_itself() {
     );
 }
 
+/// On a multi-thread runtime, reads run in place (`block_in_place`): with one worker and
+/// a disk that takes 300 ms per read, a task awaiting reads never holds up the others.
+#[test]
+fn in_place_reads_on_a_multi_thread_runtime_never_stall_other_tasks() {
+    let sim = SimBackend::new();
+    let sync_store = Store::open_with(Arc::new(sim.clone()), Options::default()).unwrap();
+    let digests: Vec<Digest> = (0..4u64)
+        .map(|i| sync_store.put(&common::blob(700 + i, 5000)).unwrap().digest)
+        .collect();
+    let slow = Arc::new(AtomicU64::new(0));
+    for op in [SimOp::Read, SimOp::MetaRead] {
+        let slow = slow.clone();
+        sim.hook(op, move |_| {
+            slow.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(300));
+            true
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_time()
+        .build()
+        .unwrap();
+    let store = AsyncStore::new(sync_store.clone());
+    let max_gap = rt.block_on(async {
+        tokio::spawn(async move {
+            let stop = Arc::new(AtomicBool::new(false));
+            let gap = Arc::new(AtomicU64::new(0));
+            let watchdog = {
+                let (stop, gap) = (stop.clone(), gap.clone());
+                tokio::spawn(async move {
+                    let mut last = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        let now = Instant::now();
+                        gap.fetch_max((now - last).as_micros() as u64, Ordering::Relaxed);
+                        last = now;
+                    }
+                })
+            };
+            // Let the watchdog start, then read.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for d in &digests {
+                let b = store.get_bytes(*d).await.unwrap();
+                assert_eq!(b.len(), 5000);
+                assert!(store.contains(*d).await.unwrap());
+            }
+            stop.store(true, Ordering::Relaxed);
+            watchdog.await.unwrap();
+            gap.load(Ordering::Relaxed)
+        })
+        .await
+        .unwrap()
+    });
+    let reads = slow.load(Ordering::Relaxed);
+    assert!(reads > 0, "no read reached the (slow) backend");
+    // Liveness, not speed: each slow read holds a thread for 300 ms, never the runtime.
+    assert!(
+        max_gap < 250_000,
+        "the runtime was held for {max_gap} us by {reads} slow reads"
+    );
+}
+
 /// Dropping an ingest mid-stream discards it: nothing visible, no upload left.
 #[test]
 fn dropping_an_ingest_discards_it() {
