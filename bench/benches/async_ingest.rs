@@ -110,7 +110,9 @@ fn main() {
         let root = dir.path().join(format!("store-{r}"));
         let t = Instant::now();
         rt.block_on(async {
-            let store = AsyncStore::open(&root, Options::default()).await.expect("open");
+            let store = AsyncStore::open(&root, Options::default())
+                .await
+                .expect("open");
             let tasks: Vec<_> = layers
                 .iter()
                 .zip(&digests)
@@ -186,5 +188,8 @@ fn main() {
     println!("  two openssl dgst -sha256 at once      {:7.3} s", secs(h));
     println!("  dd bs=1M conv=fsync                   {:7.3} s", secs(w));
     println!("  limit (openssl + dd)                  {:7.3} s", secs(l));
-    println!("  store / limit                         {:7.2}", secs(s) / secs(l));
+    println!(
+        "  store / limit                         {:7.2}",
+        secs(s) / secs(l)
+    );
 }

@@ -70,13 +70,17 @@ pub struct AdminServer {
     dir: File,
     /// The listening socket, shut down to wake the accept loop.
     listener: UnixListener,
+    /// Commands running, interrupted when the server is dropped.
+    live: Live,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Starts serving `store`'s command line on `ROOT/admin.sock` (a stale socket of an
 /// earlier owner is replaced: holding the store's lock, this process is its only owner).
 /// Each command runs on a thread of its own against `store`. The store must be open
-/// read-write. Dropping the server stops serving (commands in flight finish).
+/// read-write. Dropping the server stops serving and interrupts the commands in flight
+/// (a command blocked reading its caller's standard input holds its clone of the store
+/// until that input moves or ends). The server holds no clone of the store itself.
 ///
 /// Commands write to the client's standard output, which may be a pipe whose reader
 /// goes away: the process must ignore `SIGPIPE`, as every Rust binary does unless built
@@ -104,8 +108,11 @@ pub fn serve(store: &Store) -> Result<AdminServer> {
     let stop = Arc::new(AtomicBool::new(false));
     let owner = std::fs::metadata(&root).ctx("stat", &root)?.uid();
     let wake = listener.try_clone().ctx("dup", &path)?;
+    let live: Live = Arc::default();
     let thread = {
-        let (stop, store) = (stop.clone(), store.clone());
+        // Weak: neither the server nor a connection that has not passed the peer check
+        // keeps the store open.
+        let (stop, store, live) = (stop.clone(), store.downgrade(), live.clone());
         std::thread::Builder::new()
             .name("layerstore-admin".into())
             .spawn(move || {
@@ -113,11 +120,15 @@ pub fn serve(store: &Store) -> Result<AdminServer> {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    let Ok(conn) = conn else { continue };
-                    let store = store.clone();
+                    let Ok(conn) = conn else {
+                        // Out of descriptors, say: wait instead of spinning.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        continue;
+                    };
+                    let (store, live) = (store.clone(), live.clone());
                     let _ = std::thread::Builder::new()
                         .name("layerstore-admin-cmd".into())
-                        .spawn(move || handle(&store, owner, conn));
+                        .spawn(move || handle(&store, owner, &conn, &live));
                 }
             })
             .ctx("spawn", &path)?
@@ -127,9 +138,16 @@ pub fn serve(store: &Store) -> Result<AdminServer> {
         stop,
         dir,
         listener: wake,
+        live,
         thread: Some(thread),
     })
 }
+
+/// Connections running a command: their sockets and interrupt flags.
+type Live = Arc<std::sync::Mutex<Vec<(u64, UnixStream, Arc<AtomicBool>)>>>;
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl AdminServer {
     /// The socket's path.
@@ -147,7 +165,16 @@ impl Drop for AdminServer {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(via_fd(&self.dir, SOCKET));
+        // Commands in flight stop at their next check.
+        for (_, conn, flag) in lock(&self.live).iter() {
+            flag.store(true, Ordering::SeqCst);
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether a peer may run commands: root, or the user this process runs as when that
@@ -157,57 +184,96 @@ fn allowed(peer_uid: u32, owner: u32) -> bool {
     peer_uid == 0 || (peer_uid == me && peer_uid == owner)
 }
 
-/// Serves one connection: a request with three descriptors, the command, the status.
-fn handle(store: &Store, owner: u32, mut conn: UnixStream) {
-    let Ok((request, fds)) = receive(&conn) else {
+/// Serves one connection: a request with three descriptors, the command, the status
+/// byte. The socket is shut down however this ends (a panicking command included), so
+/// the client never waits forever.
+fn handle(store: &crate::store::WeakStore, owner: u32, conn: &UnixStream, live: &Live) {
+    struct Close<'a>(&'a UnixStream);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.shutdown(std::net::Shutdown::Both);
+        }
+    }
+    let _close = Close(conn);
+    let peer = rustix::net::sockopt::socket_peercred(conn).map(|c| c.uid.as_raw());
+    if conn.set_read_timeout(Some(REQUEST_TIMEOUT)).is_err() {
+        return;
+    }
+    let Ok((request, fds)) = receive(conn) else {
         return;
     };
     let Ok([stdin, stdout, stderr]) = <[OwnedFd; 3]>::try_from(fds) else {
         return;
     };
     let (stdin, stdout, mut stderr) = (File::from(stdin), File::from(stdout), File::from(stderr));
-    let peer = rustix::net::sockopt::socket_peercred(&conn).map(|c| c.uid.as_raw());
+    let fail = |stderr: &mut File, msg: &str| {
+        let _ = writeln!(stderr, "store: error: {msg}");
+        1
+    };
     let code = match (peer, request) {
-        (Ok(uid), _) if !allowed(uid, owner) => {
-            let _ = writeln!(
-                stderr,
-                "store: error: the process holding {} serves its owner and root only",
-                store.root().display()
-            );
-            1
-        }
-        (Err(e), _) => {
-            let _ = writeln!(stderr, "store: error: reading the peer's credentials: {e}");
-            1
-        }
-        (Ok(_), Err(e)) => {
-            let _ = writeln!(stderr, "store: error: {e}");
-            1
-        }
-        (Ok(_), Ok(req)) => {
-            // The client's socket closing (it was killed, or ^C) stops long work.
-            let interrupt = Arc::new(AtomicBool::new(false));
-            if let Ok(mut watch) = conn.try_clone() {
-                let flag = interrupt.clone();
-                let _ = std::thread::Builder::new()
-                    .name("layerstore-admin-watch".into())
-                    .spawn(move || {
-                        let _ = watch.read(&mut [0u8; 1]);
-                        flag.store(true, Ordering::SeqCst);
-                    });
-            }
-            let session = Session::served(store.clone(), stdin, interrupt);
-            let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout);
-            let r = cli::run_in(&req.cli, &session, &mut out);
-            let r = match (r, out.flush()) {
-                (Ok(()), Err(e)) => Err(Error::io("write", "standard output", e)),
-                (r, _) => r,
-            };
-            cli::exit_status(&r, &mut stderr)
+        (Ok(uid), _) if !allowed(uid, owner) => fail(
+            &mut stderr,
+            "the process holding this store serves its owner and root only",
+        ),
+        (Err(e), _) => fail(&mut stderr, &format!("reading the peer's credentials: {e}")),
+        (Ok(_), Err(e)) => fail(&mut stderr, &e.to_string()),
+        (Ok(_), Ok(req)) => match store.upgrade() {
+            None => fail(&mut stderr, "the process holding this store is closing it"),
+            Some(store) => run(&store, conn, &req, stdin, stdout, &mut stderr, live),
+        },
+    };
+    let _ = (&*conn).write_all(&[code]);
+}
+
+/// Runs an admitted request; returns its exit status.
+fn run(
+    store: &Store,
+    conn: &UnixStream,
+    req: &Request,
+    stdin: File,
+    stdout: File,
+    stderr: &mut File,
+    live: &Live,
+) -> u8 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let _ = conn.set_read_timeout(None);
+    // The client's socket closing (it was killed, or ^C) stops long work.
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    if let (Ok(mut watch), Ok(kept)) = (conn.try_clone(), conn.try_clone()) {
+        lock(live).push((id, kept, interrupt.clone()));
+        let flag = interrupt.clone();
+        let _ = std::thread::Builder::new()
+            .name("layerstore-admin-watch".into())
+            .spawn(move || {
+                let _ = watch.read(&mut [0u8; 1]);
+                flag.store(true, Ordering::SeqCst);
+            });
+    }
+    let session = Session::served(store.clone(), stdin, interrupt);
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cli::run_in(&req.cli, &session, &mut out)
+    }));
+    lock(live).retain(|(i, ..)| *i != id);
+    let r = match r {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(Error::Corrupt(format!(
+                "the command panicked in the process holding the store: {what}"
+            )))
         }
     };
-    let _ = conn.write_all(&[code]);
-    let _ = conn.shutdown(std::net::Shutdown::Both);
+    let r = match (r, out.flush()) {
+        (Ok(()), Err(e)) => Err(Error::io("write", "standard output", e)),
+        (r, _) => r,
+    };
+    cli::exit_status(&r, stderr)
 }
 
 /// Reads the request: a 4-byte length, that much JSON, and the descriptors that came
@@ -281,7 +347,7 @@ pub fn forward(root: &Path, mut cli: Cli) -> Result<Option<u8>> {
         Err(e) => return Err(Error::io("connect", root.join(SOCKET), e)),
     };
     let cwd = std::env::current_dir().ctx("getcwd", Path::new("."))?;
-    cli.absolutize(root, &cwd);
+    cli.absolutize(root, &cwd)?;
     let json = serde_json::to_vec(&Request {
         protocol: PROTOCOL,
         cli,

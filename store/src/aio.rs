@@ -19,18 +19,15 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::PollSender;
 
 use crate::{
     Blob, Descriptor, Digest, Error, GcOptions, GcReport, Options, PutOptions, Result, Store,
     VerifyOptions, VerifyReport,
 };
 
-/// Bytes an [`AsyncIngest`] hands to its blocking writer at once, and how many such
-/// chunks may wait (the backpressure: a writer more than this ahead of the disk waits).
+/// Bytes an [`AsyncIngest`] hands to a blocking job at once (one chunk is in flight while
+/// the next fills), and the window a [`BlobReader`] faults in at a time.
 const CHUNK: usize = 1 << 20;
-const QUEUED: usize = 4;
 
 /// Runs `f` on the blocking pool. A panic in `f` resumes here; a runtime shutting down
 /// reads as [`Error::Interrupted`].
@@ -76,6 +73,13 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Puts a new interrupt flag in an operation's options (replacing one the caller gave:
+/// async work is cancelled by dropping its future, and setting a caller's flag would stop
+/// whatever else shares it) and returns it.
+fn fresh_flag(slot: &mut Option<Arc<AtomicBool>>) -> Arc<AtomicBool> {
+    slot.insert(Arc::default()).clone()
+}
+
 /// Runs `f` on the blocking pool with `flag` set if the returned future is dropped first.
 async fn interruptible<T: Send + 'static>(
     flag: Arc<AtomicBool>,
@@ -118,7 +122,7 @@ impl AsyncStore {
     pub async fn put_with(&self, data: impl Into<Bytes>, opts: PutOptions) -> Result<Descriptor> {
         let (store, data) = (self.store.clone(), data.into());
         let mut opts = opts;
-        let flag = opts.interrupt.get_or_insert_with(Default::default).clone();
+        let flag = fresh_flag(&mut opts.interrupt);
         interruptible(flag, move || store.put_with(&data, opts)).await
     }
 
@@ -177,16 +181,13 @@ impl AsyncStore {
     /// [`Store::ingest`]. Dropping it without [`AsyncIngest::commit`] or
     /// [`AsyncIngest::suspend`] discards the upload.
     pub async fn ingest(&self, r#ref: &str, opts: PutOptions) -> Result<AsyncIngest> {
-        let (store, r#ref) = (self.store.clone(), r#ref.to_owned());
-        let ing = blocking(move || store.ingest(&r#ref, opts)).await??;
-        Ok(AsyncIngest::start(ing))
+        let r#ref = r#ref.to_owned();
+        self.open_ingest(move |s| s.ingest(&r#ref, opts)).await
     }
 
     /// An unnamed ingest ([`Store::ingest_unnamed`]) for writing through [`AsyncWrite`].
     pub async fn ingest_unnamed(&self, opts: PutOptions) -> Result<AsyncIngest> {
-        let store = self.store.clone();
-        let ing = blocking(move || store.ingest_unnamed(opts)).await??;
-        Ok(AsyncIngest::start(ing))
+        self.open_ingest(move |s| s.ingest_unnamed(opts)).await
     }
 
     /// Streams `reader` into a new unnamed ingest and commits it, checking `digest` and
@@ -226,7 +227,7 @@ impl AsyncStore {
         mut opts: crate::ImportOptions,
     ) -> Result<crate::ImportOutcome> {
         let (store, path) = (self.store.clone(), path.into());
-        let flag = opts.interrupt.get_or_insert_with(Default::default).clone();
+        let flag = fresh_flag(&mut opts.interrupt);
         interruptible(flag, move || store.import_path(&path, &opts)).await
     }
 
@@ -255,7 +256,7 @@ impl AsyncStore {
         mut opts: crate::unpack::UnpackOptions,
     ) -> Result<crate::unpack::UnpackReport> {
         let (store, reference, dir) = (self.store.clone(), reference.to_owned(), dir.into());
-        let flag = opts.interrupt.get_or_insert_with(Default::default).clone();
+        let flag = fresh_flag(&mut opts.interrupt);
         interruptible(flag, move || store.unpack(&reference, &dir, &opts)).await
     }
 }
@@ -316,151 +317,148 @@ impl AsyncRead for BlobReader {
     }
 }
 
-/// What an [`AsyncIngest`] asks of its blocking writer.
-enum Msg {
-    Data(Bytes),
-    Sync(oneshot::Sender<Result<u64>>),
-    Suspend(oneshot::Sender<Result<u64>>),
-    Commit(
-        Option<Digest>,
-        Option<u64>,
-        oneshot::Sender<Result<Descriptor>>,
-    ),
-}
-
-/// An upload written through [`AsyncWrite`]: its bytes go, with backpressure, to an
-/// [`Ingest`](crate::Ingest) that a task on the blocking pool holds. Finish it with
-/// [`AsyncIngest::commit`] (or `commit_expecting`, or `suspend`); dropping it discards
-/// the upload, in the blocking pool.
+/// An upload written through [`AsyncWrite`]: bytes are gathered into 1 MiB chunks, and
+/// each chunk is written (and hashed) by a job on the blocking pool that holds the
+/// [`Ingest`](crate::Ingest) while it runs and hands it back. One chunk is in flight while
+/// the next one fills, which is the backpressure: a writer more than a chunk ahead of the
+/// disk waits. No thread is held between writes, so idle uploads cost no pool thread.
+/// Finish with [`AsyncIngest::commit`] (or `commit_expecting`, or `suspend`); dropping it
+/// discards the upload, on the blocking pool.
 pub struct AsyncIngest {
-    tx: PollSender<Msg>,
-    /// The first write error of the blocking writer, reported at the next call.
-    failed: Arc<std::sync::Mutex<Option<Error>>>,
+    /// The ingest, while no job holds it.
+    ing: Option<crate::Ingest>,
+    /// The job writing a chunk; it hands the ingest back with its result.
+    job: Option<tokio::task::JoinHandle<(crate::Ingest, Result<()>)>>,
+    /// Bytes accepted and not yet handed to a job.
+    buf: bytes::BytesMut,
+    /// The first failure of a job: every later call reports it.
+    failed: Option<Error>,
     offset: u64,
 }
 
-impl AsyncIngest {
-    fn start(mut ing: crate::Ingest) -> AsyncIngest {
-        let (tx, mut rx) = mpsc::channel::<Msg>(QUEUED);
-        let failed = Arc::new(std::sync::Mutex::new(None));
-        let offset = ing.offset();
-        let seen = failed.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut error: Option<Error> = None;
-            // The channel closing without a final message drops `ing` here: discarded.
-            while let Some(m) = rx.blocking_recv() {
-                let fail = |e: &Error| {
-                    *seen
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.clone());
-                };
-                match m {
-                    Msg::Data(b) => {
-                        if error.is_none()
-                            && let Err(e) = ing.write_all(&b)
-                        {
-                            fail(&e);
-                            error = Some(e);
-                        }
-                    }
-                    Msg::Sync(reply) => {
-                        let r = match &error {
-                            Some(e) => Err(e.clone()),
-                            None => ing.sync(),
-                        };
-                        let _ = reply.send(r);
-                    }
-                    Msg::Suspend(reply) => {
-                        let r = match error {
-                            Some(e) => Err(e),
-                            None => ing.suspend(),
-                        };
-                        let _ = reply.send(r);
-                        return;
-                    }
-                    Msg::Commit(digest, size, reply) => {
-                        let r = match error {
-                            Some(e) => Err(e),
-                            None => ing.commit_expecting(digest, size),
-                        };
-                        let _ = reply.send(r);
-                        return;
-                    }
-                }
-            }
-        });
-        AsyncIngest {
-            tx: PollSender::new(tx),
-            failed,
-            offset,
+/// Hands over an ingest being opened: if the caller's future was dropped meanwhile, the
+/// ingest is released (kept at its last sync point), never discarded.
+struct Claim(Option<crate::Ingest>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(ing) = self.0.take() {
+            ing.release();
         }
     }
+}
 
+impl AsyncStore {
+    async fn open_ingest(
+        &self,
+        f: impl FnOnce(&Store) -> Result<crate::Ingest> + Send + 'static,
+    ) -> Result<AsyncIngest> {
+        let store = self.store.clone();
+        let mut claim = blocking(move || f(&store).map(|i| Claim(Some(i)))).await??;
+        let ing = claim.0.take().expect("claimed once");
+        Ok(AsyncIngest {
+            offset: ing.offset(),
+            ing: Some(ing),
+            job: None,
+            buf: bytes::BytesMut::new(),
+            failed: None,
+        })
+    }
+}
+
+impl AsyncIngest {
     /// Bytes accepted so far (after a resume: from the durable offset it resumed at).
     pub fn offset(&self) -> u64 {
         self.offset
     }
 
-    fn take_failure(&self) -> Option<Error> {
-        self.failed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
+    /// Waits for the job in flight, if any, and takes the ingest back.
+    fn poll_job(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if let Some(job) = &mut self.job {
+            let joined = ready!(Pin::new(job).poll(cx));
+            self.job = None;
+            let (ing, r) = match joined {
+                Ok(x) => x,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => return Poll::Ready(Err(Error::Interrupted)),
+            };
+            self.ing = Some(ing);
+            if let Err(e) = r {
+                self.failed = Some(e);
+            }
+        }
+        match &self.failed {
+            Some(e) => Poll::Ready(Err(e.clone())),
+            None => Poll::Ready(Ok(())),
+        }
     }
 
-    async fn ask<T>(&mut self, m: impl FnOnce(oneshot::Sender<Result<T>>) -> Msg) -> Result<T> {
-        let (reply, rx) = oneshot::channel();
-        let sender = self.tx.get_ref().cloned().ok_or(Error::Interrupted)?;
-        sender
-            .send(m(reply))
-            .await
-            .map_err(|_| Error::Interrupted)?;
-        rx.await.map_err(|_| Error::Interrupted)?
+    /// Hands the gathered bytes to a job (after the previous one finished).
+    fn poll_hand_over(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        ready!(self.poll_job(cx))?;
+        if !self.buf.is_empty() {
+            let data = self.buf.split().freeze();
+            let mut ing = self.ing.take().ok_or(Error::Interrupted)?;
+            self.job = Some(tokio::task::spawn_blocking(move || {
+                let r = ing.write_all(&data);
+                (ing, r)
+            }));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Every accepted byte written, no job running: the ingest is back.
+    async fn settle(&mut self) -> Result<crate::Ingest> {
+        std::future::poll_fn(|cx| self.poll_hand_over(cx)).await?;
+        std::future::poll_fn(|cx| self.poll_job(cx)).await?;
+        self.ing.take().ok_or(Error::Interrupted)
     }
 
     /// Copies `reader` to the end into the upload.
     pub async fn copy_from(&mut self, mut reader: impl AsyncRead + Unpin) -> Result<u64> {
         let mut total = 0;
         loop {
-            let mut buf = bytes::BytesMut::with_capacity(CHUNK);
-            while buf.len() < CHUNK {
-                if reader
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|e| Error::io("read", "input", e))?
-                    == 0
-                {
-                    break;
-                }
+            if self.buf.len() >= CHUNK {
+                std::future::poll_fn(|cx| self.poll_hand_over(cx)).await?;
             }
-            if buf.is_empty() {
+            self.buf.reserve(CHUNK - self.buf.len());
+            let n = reader
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| Error::io("read", "input", e))?;
+            if n == 0 {
                 return Ok(total);
             }
-            total += buf.len() as u64;
-            self.send_data(buf.freeze()).await?;
+            total += n as u64;
+            self.offset += n as u64;
         }
-    }
-
-    async fn send_data(&mut self, b: Bytes) -> Result<()> {
-        if let Some(e) = self.take_failure() {
-            return Err(e);
-        }
-        self.offset += b.len() as u64;
-        let sender = self.tx.get_ref().cloned().ok_or(Error::Interrupted)?;
-        sender
-            .send(Msg::Data(b))
-            .await
-            .map_err(|_| Error::Interrupted)
     }
 
     /// [`Ingest::sync`](crate::Ingest::sync): waits for every byte written so far.
     pub async fn sync(&mut self) -> Result<u64> {
-        self.ask(Msg::Sync).await
+        let mut ing = self.settle().await?;
+        let (ing, r) = blocking(move || {
+            let r = ing.sync();
+            (ing, r)
+        })
+        .await?;
+        self.ing = Some(ing);
+        r
     }
 
-    /// [`Ingest::suspend`](crate::Ingest::suspend).
+    /// [`Ingest::suspend`](crate::Ingest::suspend). After a failed write the upload is
+    /// released at its last sync point instead (its durable bytes are kept) and the
+    /// failure is returned.
     pub async fn suspend(mut self) -> Result<u64> {
-        self.ask(Msg::Suspend).await
+        match self.settle().await {
+            Ok(ing) => blocking(move || ing.suspend()).await?,
+            Err(e) => {
+                if let Some(ing) = self.ing.take() {
+                    ing.release();
+                }
+                Err(e)
+            }
+        }
     }
 
     /// [`Ingest::commit`](crate::Ingest::commit).
@@ -474,7 +472,22 @@ impl AsyncIngest {
         digest: Option<Digest>,
         size: Option<u64>,
     ) -> Result<Descriptor> {
-        self.ask(|r| Msg::Commit(digest, size, r)).await
+        let ing = self.settle().await?;
+        blocking(move || ing.commit_expecting(digest, size)).await?
+    }
+}
+
+impl Drop for AsyncIngest {
+    fn drop(&mut self) {
+        // A job in flight drops its ingest (discarding it) on its own blocking thread.
+        if let Some(ing) = self.ing.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn_blocking(move || drop(ing));
+                }
+                Err(_) => drop(ing),
+            }
+        }
     }
 }
 
@@ -484,28 +497,27 @@ impl AsyncWrite for AsyncIngest {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        if let Some(e) = self.take_failure() {
-            return Poll::Ready(Err(std::io::Error::other(e)));
+        let this = &mut *self;
+        if this.buf.len() >= CHUNK {
+            ready!(this.poll_hand_over(cx)).map_err(std::io::Error::other)?;
         }
-        ready!(self.tx.poll_reserve(cx)).map_err(|_| closed())?;
-        let n = buf.len().min(CHUNK);
-        self.tx
-            .send_item(Msg::Data(Bytes::copy_from_slice(&buf[..n])))
-            .map_err(|_| closed())?;
-        self.offset += n as u64;
+        if let Some(e) = &this.failed {
+            return Poll::Ready(Err(std::io::Error::other(e.clone())));
+        }
+        let n = buf.len().min(CHUNK - this.buf.len());
+        this.buf.extend_from_slice(&buf[..n]);
+        this.offset += n as u64;
         Poll::Ready(Ok(n))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // Bytes handed over are the writer's; durability is `sync`'s business.
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // Every accepted byte handed to the ingest (durability is `sync`'s business).
+        let this = &mut *self;
+        ready!(this.poll_hand_over(cx)).map_err(std::io::Error::other)?;
+        this.poll_job(cx).map_err(std::io::Error::other)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_flush(cx)
     }
-}
-
-fn closed() -> std::io::Error {
-    std::io::Error::other(Error::Interrupted)
 }

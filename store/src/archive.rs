@@ -1328,24 +1328,40 @@ impl Store {
             .tempdir_in(parent)
             .ctx("create directory", parent)?;
         let t = tmp.path();
-        std::fs::write(t.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
-            .ctx("write", &t.join("oci-layout"))?;
+        // Every file and directory is synced before the rename, and the parent after it:
+        // a layout that survives a crash is whole.
+        let write = |p: &Path, data: &[u8]| -> Result<()> {
+            let mut f = File::create(p).ctx("create", p)?;
+            f.write_all(data).ctx("write", p)?;
+            f.sync_all().ctx("fsync", p)
+        };
+        write(&t.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        let mut made = BTreeSet::new();
         for d in &blobs {
             stop_if(interrupt)?;
             let bdir = t.join("blobs").join(d.algorithm().name());
-            std::fs::create_dir_all(&bdir).ctx("create directory", &bdir)?;
-            let p = bdir.join(d.hex());
-            std::fs::write(&p, &*self.get(d)?).ctx("write", &p)?;
+            if made.insert(bdir.clone()) {
+                std::fs::create_dir_all(&bdir).ctx("create directory", &bdir)?;
+            }
+            write(&bdir.join(d.hex()), &self.get(d)?)?;
         }
-        std::fs::write(t.join("index.json"), &index).ctx("write", &t.join("index.json"))?;
+        write(&t.join("index.json"), &index)?;
+        for bdir in &made {
+            crate::sys::sync_dir(bdir).ctx("fsync", bdir)?;
+        }
+        let blobs_dir = t.join("blobs");
+        if !made.is_empty() {
+            crate::sys::sync_dir(&blobs_dir).ctx("fsync", &blobs_dir)?;
+        }
         // A layout directory is 0755 like any `mkdir`, not a tempdir's 0700.
         std::fs::set_permissions(t, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .ctx("chmod", t)?;
+        crate::sys::sync_dir(t).ctx("fsync", t)?;
         // rename(2) replaces an empty directory, and refuses a non-empty one.
         std::fs::rename(t, dir).ctx("rename", dir)?;
         // Renamed away: nothing is left for the guard to remove.
         let _ = tmp.keep();
-        Ok(())
+        crate::sys::sync_dir(parent).ctx("fsync", parent)
     }
 
     /// The `manifest.json` of a docker archive for `chosen` (single-platform images only).

@@ -313,26 +313,54 @@ pub enum BlobCommand {
 
 impl Cli {
     /// Makes the command's relative paths absolute against `cwd`, and names the root
-    /// explicitly: the form in which another process can run it.
-    pub fn absolutize(&mut self, root: &Path, cwd: &Path) {
-        let abs = |p: &mut PathBuf| {
-            if p.as_os_str() != "-" && p.is_relative() {
+    /// explicitly: the form in which another process can run it. Refuses paths that
+    /// name this process's own descriptors (`/dev/stdin`, `/dev/fd/N`, `/proc/self/…`),
+    /// which mean something else in another process: use `-` for standard input.
+    pub fn absolutize(&mut self, root: &Path, cwd: &Path) -> Result<()> {
+        fn abs(p: &mut PathBuf, cwd: &Path) -> Result<()> {
+            let own = [
+                "/dev/stdin",
+                "/dev/stdout",
+                "/dev/stderr",
+                "/dev/fd",
+                "/proc/self",
+            ];
+            if own.iter().any(|o| p.starts_with(o)) {
+                return Err(Error::Invalid(format!(
+                    "{} names this process's own descriptor, which the process holding \
+                     the store cannot open (use `-` for standard input or output)",
+                    p.display()
+                )));
+            }
+            if p.is_relative() {
                 *p = cwd.join(&*p);
             }
-        };
+            Ok(())
+        }
+        // `-` is standard input or output only where the command says so.
+        let stdio = |p: &PathBuf| p.as_os_str() == "-";
         let mut root = root.to_owned();
-        abs(&mut root);
+        abs(&mut root, cwd)?;
         self.root = Some(root);
         match &mut self.command {
-            Command::Import { path, .. } => abs(path),
-            Command::Export { output, .. } => abs(output),
-            Command::Unpack { dir, .. } => abs(dir),
-            Command::Blob(BlobCommand::Put { files }) => files.iter_mut().for_each(abs),
+            Command::Import { path, .. } if !stdio(path) => abs(path, cwd)?,
+            Command::Export { output, format, .. }
+                if !stdio(output) || *format == FormatArg::OciDir =>
+            {
+                abs(output, cwd)?;
+            }
+            Command::Unpack { dir, .. } => abs(dir, cwd)?,
+            Command::Blob(BlobCommand::Put { files }) => {
+                for f in files.iter_mut().filter(|f| !stdio(f)) {
+                    abs(f, cwd)?;
+                }
+            }
             Command::Blob(BlobCommand::Get {
                 output: Some(o), ..
-            }) => abs(o),
+            }) => abs(o, cwd)?,
             _ => {}
         }
+        Ok(())
     }
 }
 
@@ -792,6 +820,9 @@ pub fn run_in(cli: &Cli, session: &Session, out: &mut dyn Write) -> Result<()> {
                 out.write_all(b"[").map_err(stdout_err)?;
             }
             for (i, item) in store.iter().enumerate() {
+                if interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
+                }
                 let info = item?;
                 if *json {
                     if i > 0 {
@@ -1179,7 +1210,14 @@ fn put_files(
     let bar = progress(sizes.iter().flatten().sum(), quiet);
     let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut batch_bytes = 0u64;
+    let stop = || {
+        if session.interrupt.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        Ok(())
+    };
     let flush = |batch: &mut Vec<Vec<u8>>, out: &mut dyn Write| -> Result<()> {
+        stop()?;
         for d in store.put_many(batch.drain(..))? {
             writeln!(out, "{}", d.digest).map_err(stdout_err)?;
         }
@@ -1202,7 +1240,8 @@ fn put_files(
                 batch_bytes = 0;
                 // Nothing could resume a killed command: its bytes go to scratch space,
                 // which the next open discards.
-                let mut ing = store.ingest_unnamed(PutOptions::default())?;
+                let opts = PutOptions::default().interrupt(session.interrupt.clone());
+                let mut ing = store.ingest_unnamed(opts)?;
                 if path.as_os_str() == "-" {
                     session.with_stdin(|mut r| ing.write_from(&mut r))?;
                 } else {

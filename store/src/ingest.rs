@@ -592,7 +592,8 @@ impl Ingest {
     /// expected size, refuses a manifest or index larger than the store parses, and fails
     /// with [`Error::UploadAborted`] once the upload was aborted (it is then discarded),
     /// or [`Error::Interrupted`] once `PutOptions::interrupt` is set (the upload stays, for
-    /// its owner to suspend or drop).
+    /// its owner to suspend, release or drop; a commit after the flag is set fails with
+    /// `Interrupted` too and, as every failed commit, discards the upload).
     pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
         self.alive()?;
         crate::store::check_interrupt(self.opts.interrupt.as_ref())?;
@@ -778,6 +779,20 @@ impl Ingest {
             self.store.release_ref(r#ref);
         }
         Ok(n)
+    }
+
+    /// Stops writing without syncing or discarding: a named upload stays as its last
+    /// `sync` left it (what a crash would leave), for a later resume from there; an
+    /// unnamed ingest, which nothing could resume, is discarded. Does no I/O for a named
+    /// upload. For a writer that must let go after an error or a cancellation.
+    pub fn release(mut self) {
+        if matches!(self.place, Place::Scratch) {
+            return; // dropped: discarded
+        }
+        self.finished = true;
+        if let Place::Upload { r#ref, .. } = &self.place {
+            self.store.release_ref(r#ref);
+        }
     }
 
     /// Checks the size and digest given when the ingest started (if any) and makes the

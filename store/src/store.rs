@@ -272,6 +272,25 @@ pub struct Store {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// A [`Store`] that does not keep it open: [`WeakStore::upgrade`] gives the store while
+/// another handle holds it.
+#[derive(Clone)]
+pub(crate) struct WeakStore(std::sync::Weak<Inner>);
+
+impl WeakStore {
+    /// The store, if it is still open.
+    pub fn upgrade(&self) -> Option<Store> {
+        self.0.upgrade().map(|inner| Store { inner })
+    }
+}
+
+impl Store {
+    /// A handle that does not keep the store open.
+    pub(crate) fn downgrade(&self) -> WeakStore {
+        WeakStore(Arc::downgrade(&self.inner))
+    }
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")

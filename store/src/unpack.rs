@@ -695,7 +695,13 @@ fn prune_tree(dir: OwnedFd, keep: Option<u32>, layer: Option<&Trie>) -> Result<(
         /// Subdirectories still to visit: (name, node to keep in it, remove it after).
         todo: Vec<(String, Option<u32>, bool)>,
     }
+    // Removing a whole tree (nothing kept): each directory is made writable first, so
+    // that a layer's read-only directory does not keep its entries (and the tree) alive.
+    let whole = keep.is_none() && layer.is_none();
     let enter = |fd: &OwnedFd, keep: Option<u32>| -> Result<Vec<(String, Option<u32>, bool)>> {
+        if whole {
+            let _ = rustix::fs::fchmod(fd, Mode::from_raw_mode(0o700));
+        }
         let mut todo = Vec::new();
         for n in names_in(fd)? {
             let kept = keep.and_then(|k| layer.and_then(|t| t.child(k, &n)));
@@ -728,6 +734,15 @@ fn prune_tree(dir: OwnedFd, keep: Option<u32>, layer: Option<&Trie>) -> Result<(
     loop {
         let top = stack.last_mut().expect("a level");
         if let Some((name, node, remove)) = top.todo.pop() {
+            if whole {
+                // (A directory without read permission cannot be opened to fix it.)
+                let _ = rustix::fs::chmodat(
+                    &cur,
+                    name.as_str(),
+                    Mode::from_raw_mode(0o700),
+                    AtFlags::empty(),
+                );
+            }
             match rustix::fs::openat(&cur, name.as_str(), DIR_FLAGS, Mode::empty()) {
                 Ok(next) => {
                     cur = next;
@@ -808,6 +823,9 @@ impl Store {
         dir: &Path,
         opts: &UnpackOptions,
     ) -> Result<UnpackReport> {
+        // Temporary trees are unique per unpack, also within one process (an embedder
+        // serving many).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let start = Instant::now();
         if dir.symlink_metadata().is_ok() {
             return Err(Error::Invalid(format!("{} already exists", dir.display())));
@@ -883,9 +901,10 @@ impl Store {
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{} names no directory", dir.display())))?;
         let tmp = parent.join(format!(
-            ".{}.unpack-{}",
+            ".{}.unpack-{}-{}",
             leaf.to_string_lossy(),
-            std::process::id()
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::create_dir(&tmp).ctx("create directory", &tmp)?;
         let r = unpack_into(&tmp, &blobs, &info.diff_ids, d, opts.interrupt.as_ref());

@@ -207,6 +207,9 @@ fn every_admin_command_works_beside_a_live_embedder() {
     assert!(err.contains("admin/none"), "{err}");
     let err = common::failed_stderr(&common::cli(&root, &["repair", "--rebuild-index"]));
     assert!(err.contains("stop that process first"), "{err}");
+    // A path naming this process's own descriptors would be the embedder's.
+    let err = common::failed_stderr(&common::cli(&root, &["blob", "put", "/dev/stdin"]));
+    assert!(err.contains("own descriptor"), "{err}");
 
     // Served output is the output alone: the same command once the embedder is gone.
     let served = common::ok_stdout(&common::cli(&root, &["inspect", "admin/imported:1"]));
@@ -291,4 +294,30 @@ fn dropping_the_server_stops_serving_and_releases_the_store() {
     // No clone of the store outlives the server: the lock is free once it is dropped.
     drop(store);
     common::open(&root);
+}
+
+#[test]
+fn a_stalled_or_malformed_client_neither_pins_the_store_nor_hangs() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let tmp = common::tempdir();
+    let root = tmp.path().join("store");
+    let store = common::open(&root);
+    let server = layerstore::admin::serve(&store).unwrap();
+    // A request that does not parse, with no descriptors: status 1, connection closed.
+    let mut bad = UnixStream::connect(server.path()).unwrap();
+    bad.write_all(&5u32.to_le_bytes()).unwrap();
+    bad.write_all(b"nope!").unwrap();
+    let mut got = Vec::new();
+    bad.read_to_end(&mut got).unwrap();
+    assert!(got.len() <= 1, "{got:?}");
+    // A client that connects and says nothing.
+    let stalled = UnixStream::connect(server.path()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    drop(server);
+    drop(store);
+    // Neither connection holds the store: it opens again at once.
+    let again = layerstore::Store::open(&root, layerstore::Options::default());
+    assert!(again.is_ok(), "{:?}", again.err());
+    drop(stalled);
 }

@@ -393,3 +393,110 @@ fn dropping_a_gc_future_interrupts_the_collection() {
         .unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
 }
+
+/// Cancelling the resume of a suspended upload (its future polled, then dropped, while
+/// the blocking open runs) keeps the upload at its sync point.
+#[test]
+fn a_cancelled_resume_keeps_the_suspended_upload() {
+    let dir = common::tempdir();
+    let store = common::open(dir.path());
+    let data = common::blob(42, 3 * MIB);
+    let mut ing = store.ingest("up", PutOptions::default()).unwrap();
+    ing.write_all(&data).unwrap();
+    assert_eq!(ing.suspend().unwrap(), data.len() as u64);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(1)
+        .enable_time()
+        .build()
+        .unwrap();
+    let astore = AsyncStore::new(store.clone());
+    rt.block_on(async {
+        // Hold the one blocking thread, so the resume is queued behind it and surely
+        // still running when its future goes.
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let gate = tokio::task::spawn_blocking(move || go_rx.recv().unwrap());
+        let mut fut = Box::pin(astore.ingest("up", PutOptions::default()));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut fut)
+                .await
+                .is_err()
+        );
+        drop(fut);
+        go_tx.send(()).unwrap();
+        gate.await.unwrap();
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+    });
+    let st = store
+        .upload("up")
+        .unwrap()
+        .expect("the upload is still there");
+    assert_eq!(st.durable_offset, data.len() as u64);
+    assert!(!st.active, "{st:?}");
+    let ing = rt
+        .block_on(astore.ingest("up", PutOptions::default()))
+        .unwrap();
+    assert_eq!(ing.offset(), data.len() as u64);
+    let d = rt.block_on(ing.commit()).unwrap();
+    assert_eq!(d.digest, common::sha256(&data));
+}
+
+/// Uploads left open between writes hold no blocking-pool thread: with a pool of two,
+/// three idle uploads do not stop a put.
+#[test]
+fn idle_async_uploads_hold_no_blocking_thread() {
+    let dir = common::tempdir();
+    let store = common::open(dir.path());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let astore = AsyncStore::new(store.clone());
+    rt.block_on(async {
+        let mut open = Vec::new();
+        for i in 0..3 {
+            let mut up = astore
+                .ingest(&format!("idle-{i}"), PutOptions::default())
+                .await
+                .unwrap();
+            up.write_all(&common::blob(i, 3 * MIB)).await.unwrap();
+            up.flush().await.unwrap();
+            open.push(up);
+        }
+        // A hang guard, not a speed check.
+        let put = tokio::time::timeout(Duration::from_secs(30), astore.put(&b"next"[..]))
+            .await
+            .expect("a put waited behind idle uploads")
+            .unwrap();
+        assert!(store.contains(&put.digest).unwrap());
+        for (i, up) in open.into_iter().enumerate() {
+            let d = up.commit().await.unwrap();
+            assert_eq!(d.digest, common::sha256(&common::blob(i as u64, 3 * MIB)));
+        }
+    });
+}
+
+/// A flag given in the options is the caller's: an async call replaces it with its own
+/// and never sets the caller's, completed or dropped.
+#[test]
+fn an_async_call_never_sets_the_callers_flag() {
+    let dir = common::tempdir();
+    let store = common::open(dir.path());
+    let astore = AsyncStore::new(store.clone());
+    let rt = multi();
+    let mine = Arc::new(AtomicBool::new(false));
+    rt.block_on(async {
+        astore
+            .put_with(&b"one"[..], PutOptions::default().interrupt(mine.clone()))
+            .await
+            .unwrap();
+        let fut = astore.put_with(
+            common::blob(5, 8 * MIB),
+            PutOptions::default().interrupt(mine.clone()),
+        );
+        drop(fut);
+    });
+    assert!(!mine.load(Ordering::SeqCst));
+}
