@@ -92,6 +92,19 @@ pub enum Error {
         /// Bytes received.
         actual: u64,
     },
+    /// A blob asked to be deleted is still used.
+    #[error(
+        "blob {digest} is in use: {parents} stored manifest(s) or index(es) name it and \
+         {holders} name(s), container(s) or lease entries hold it; remove those first"
+    )]
+    Referenced {
+        /// The blob.
+        digest: Digest,
+        /// Stored manifests and indexes that name it.
+        parents: u64,
+        /// Names, containers and lease entries that hold it.
+        holders: u64,
+    },
     /// A read range starts past the end of the blob.
     #[error("range starts at byte {offset}, past the end of blob {digest} ({size} bytes)")]
     OutOfRange {
@@ -293,7 +306,7 @@ impl Error {
             Error::MissingChildren { .. } => ErrorKind::MissingChildren,
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,
             Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => ErrorKind::Mismatch,
-            Error::InUse { .. } => ErrorKind::Conflict,
+            Error::InUse { .. } | Error::Referenced { .. } => ErrorKind::Conflict,
             Error::IngestBusy(_) | Error::Locked { .. } => ErrorKind::Busy,
             Error::ReadOnly => ErrorKind::ReadOnly,
             Error::NeedsRepair { .. } | Error::NeedsRecovery { .. } => ErrorKind::NeedsRepair,

@@ -444,6 +444,34 @@ fn gc_err(e: layerstore_gc::Error<Error>) -> Error {
 }
 
 impl Store {
+    /// Deletes one blob now, as containerd's content `Delete` and a registry's blob or
+    /// manifest `DELETE` do: refused with [`Error::Referenced`] (nothing changed) while a
+    /// stored manifest or index names it or a name, container or lease holds it; a
+    /// referrer may go while its subject stays. Deleting a manifest or index removes its
+    /// edges (its children become collectable, not deleted). The commit is durable before
+    /// a large blob's file is removed. Returns the blob's size; [`Error::NotFound`] if it
+    /// is not stored.
+    pub fn delete(&self, d: &Digest) -> Result<u64> {
+        let o = self.inner.meta.submit(Op::Delete(*d))?;
+        let mut size = 0;
+        for (d, e) in &o.sweep.deleted {
+            size += e.size;
+            // Only the generation deleted: a newer copy is never touched.
+            if let Location::Large { generation } = e.location {
+                let key = Key::Large {
+                    digest: *d,
+                    generation,
+                };
+                let files = &self.inner.files;
+                files
+                    .backend
+                    .remove(&key)
+                    .map_err(|e| files.io("remove", &key, e))?;
+            }
+        }
+        Ok(size)
+    }
+
     /// Collects garbage: removes expired leases, marks from the roots on a snapshot,
     /// sweeps the rest with a re-check per blob, compacts mostly-dead segments and removes
     /// orphan files. With `opts.dry_run`, reports exactly what a real run would remove

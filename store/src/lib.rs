@@ -57,7 +57,7 @@ pub use gc::{GcOptions, GcReport, NoProgress, Progress};
 pub use ingest::{Ingest, MAX_REF_LEN, UploadStatus};
 pub use meta::{ContainerRecord, Counters, LeaseRecord, Location, SCHEMA_VERSION};
 pub use reference::Reference;
-pub use refs::Lease;
+pub use refs::{Lease, ReferrerDescriptor};
 pub use store::{
     BlobInfo, BlobIter, Descriptor, Info, ManifestPut, Options, PutOptions, Snapshot, Store,
 };

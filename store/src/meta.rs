@@ -345,6 +345,10 @@ pub(crate) enum Op {
     Quarantine(Vec<(Digest, Location)>),
     /// Recompute `refcount` and `holds` from edges, names, containers and leases.
     RebuildCounts,
+    /// Delete one blob now, whatever its age, unless a stored manifest or index names it
+    /// or a name, container or lease holds it (`Referenced`); a referrer may go while
+    /// its subject stays. Its children are decremented at once.
+    Delete(Digest),
 }
 
 /// The collector's deletion of one batch of candidates.
@@ -570,6 +574,16 @@ pub(crate) struct Meta {
     readers: Readers,
     /// Where the witness of durable commits is written (the main index only).
     witness: Option<Arc<dyn Backend>>,
+    /// Existence checks' refreshes of `touched`, applied by the next transaction.
+    touches: Mutex<Touches>,
+}
+
+/// Refreshes of `touched` not yet written ([`Meta::touch_later`]), and whether a
+/// transaction with a sweep is running (a touch then cannot wait for the next one).
+#[derive(Default)]
+struct Touches {
+    pending: HashMap<Digest, u64>,
+    sweeping: bool,
 }
 
 /// Counters kept in the `meta` table, so `info` is O(1).
@@ -654,6 +668,7 @@ impl Meta {
             wake: Condvar::new(),
             readers: Readers::default(),
             witness: (write && which == MetaFile::Main).then(|| backend.clone()),
+            touches: Mutex::default(),
         }))
     }
 
@@ -898,6 +913,59 @@ impl Meta {
             .collect()
     }
 
+    /// Records that `d` was just relied on (an existence check), for the next
+    /// transaction to write into its `touched` time, with no commit of its own. Returns
+    /// `false` when that cannot be relied on: a transaction that may delete blobs is
+    /// running and has already taken the touches it honours; the caller then makes the
+    /// touch a commit of its own, which orders it after that one. Also returns how many
+    /// touches wait.
+    pub fn touch_later(&self, d: &Digest, now_ms: u64) -> (bool, usize) {
+        let mut t = self
+            .touches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if t.sweeping {
+            return (false, t.pending.len());
+        }
+        let e = t.pending.entry(*d).or_insert(now_ms);
+        *e = (*e).max(now_ms);
+        (true, t.pending.len())
+    }
+
+    /// The time of a touch of `d` that waits for a transaction, if any.
+    pub fn pending_touch(&self, d: &Digest) -> Option<u64> {
+        self.touches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pending
+            .get(d)
+            .copied()
+    }
+
+    /// Takes the waiting touches for a transaction; `sweeping` marks it as one that may
+    /// delete blobs (so touches arriving meanwhile go their own way).
+    fn take_touches(&self, sweeping: bool) -> HashMap<Digest, u64> {
+        let mut t = self
+            .touches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        t.sweeping = sweeping;
+        std::mem::take(&mut t.pending)
+    }
+
+    /// After a transaction: touches it did not write (it failed) wait for the next one.
+    fn end_touches(&self, unwritten: Option<HashMap<Digest, u64>>) {
+        let mut t = self
+            .touches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        t.sweeping = false;
+        for (d, ms) in unwritten.into_iter().flatten() {
+            let e = t.pending.entry(d).or_insert(ms);
+            *e = (*e).max(ms);
+        }
+    }
+
     /// Applies `op` durably, batched with whatever other threads submit meanwhile.
     pub fn submit(&self, op: Op) -> Result<Outcome> {
         let mut q = self
@@ -988,6 +1056,19 @@ impl Meta {
         batch: &[(u64, Op)],
         resolved: &mut HashMap<u64, Result<()>>,
     ) -> Result<Vec<Result<Outcome>>> {
+        let sweeping = batch.iter().any(|(_, op)| matches!(op, Op::Sweep(_)));
+        let touches = self.take_touches(sweeping);
+        let r = self.try_commit_with(batch, resolved, &touches);
+        self.end_touches(r.is_err().then_some(touches));
+        r
+    }
+
+    fn try_commit_with(
+        &self,
+        batch: &[(u64, Op)],
+        resolved: &mut HashMap<u64, Result<()>>,
+        touches: &HashMap<Digest, u64>,
+    ) -> Result<Vec<Result<Outcome>>> {
         let mut txn = self.db.begin_write()?;
         let durable = batch.iter().any(|(_, op)| op.needs_durability())
             || txn.set_durability(redb::Durability::None).is_err();
@@ -997,6 +1078,8 @@ impl Meta {
         let mut outcomes = Vec::with_capacity(batch.len());
         let seq = {
             let mut tx = Tx::open(&txn)?;
+            // First, so that a sweep in this transaction sees them.
+            tx.touch_at(touches)?;
             for (_, op) in batch {
                 outcomes.push(tx.apply(op)?);
             }
@@ -1123,6 +1206,7 @@ impl<'t> Tx<'t> {
             }
             Op::ExpireLeases { now_ms } => self.expire_leases(*now_ms),
             Op::Sweep(op) => self.sweep(op),
+            Op::Delete(d) => self.delete(d),
             Op::Relocate(op) => self.relocate(op),
             Op::Quarantine(ds) => {
                 let op = SweepOp {
@@ -1164,6 +1248,69 @@ impl<'t> Tx<'t> {
             .get(&*d.key())?
             .map(|v| BlobEntry::decode(v.value()))
             .transpose()
+    }
+
+    /// Raises the `touched` time of each stored blob of `touches` to the time given.
+    fn touch_at(&mut self, touches: &HashMap<Digest, u64>) -> Result<()> {
+        for (d, &ms) in touches {
+            if let Some(e) = self.entry(d)?
+                && e.touched_ms < ms
+            {
+                let e = BlobEntry {
+                    touched_ms: ms,
+                    ..e
+                };
+                self.blobs.insert(&*d.key(), &e.encode()[..])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Op::Delete`].
+    fn delete(&mut self, d: &Digest) -> Result<Result<Outcome>> {
+        let key = d.key();
+        let holders = self.holds.get(&*key)?.map_or(0, |v| v.value());
+        let mut parents = self.refcount.get(&*key)?.map_or(0, |v| v.value());
+        // A referrer's own count is its subject's edge: that one does not keep it.
+        if parents > 0 && self.subject_edge(&key)?.is_some() {
+            parents -= 1;
+        }
+        if holders > 0 || parents > 0 {
+            return Ok(Err(Error::Referenced {
+                digest: *d,
+                parents,
+                holders,
+            }));
+        }
+        let op = SweepOp {
+            keep_touched_after_ms: u64::MAX,
+            drop_referrers: true,
+            ..SweepOp::default()
+        };
+        let any_referrers = self.referrers.iter()?.next().is_some();
+        let (mut dead, mut owed) = (HashMap::new(), Vec::new());
+        let how = Removal::IfGarbage { refs: Some(0) };
+        match self.sweep_one(d, &op, any_referrers, how, &mut dead, &mut owed)? {
+            Swept::Deleted(e) => {
+                for c in owed {
+                    self.decrement(&c.key(), 1)?;
+                }
+                self.add_dead(dead)?;
+                Ok(Ok(Outcome {
+                    sweep: Sweep {
+                        deleted: vec![(*d, e)],
+                        ..Sweep::default()
+                    },
+                    ..Outcome::default()
+                }))
+            }
+            Swept::Gone => Ok(Err(Error::NotFound(*d))),
+            Swept::Live => Ok(Err(Error::Referenced {
+                digest: *d,
+                parents,
+                holders,
+            })),
+        }
     }
 
     fn touch(&mut self, d: &Digest) -> Result<bool> {
@@ -1953,5 +2100,27 @@ mod tests {
             dead_bytes: 12,
         };
         assert_eq!(SegmentRow::decode(&r.encode()).unwrap(), r);
+    }
+
+    #[test]
+    fn touches_wait_for_a_transaction_and_never_slip_past_a_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::Store::open(dir.path(), crate::Options::default()).unwrap();
+        let meta = &store.inner.meta;
+        let d = store.put(b"x").unwrap().digest;
+        assert_eq!(meta.touch_later(&d, 5), (true, 1));
+        // A transaction that may delete takes them, and refuses new ones meanwhile.
+        let taken = meta.take_touches(true);
+        assert_eq!(taken.get(&d), Some(&5));
+        assert_eq!(meta.touch_later(&d, 6), (false, 0));
+        // It failed: its touches wait again, and touches are taken again.
+        meta.end_touches(Some(taken));
+        assert_eq!(meta.touch_later(&d, 7), (true, 1));
+        assert_eq!(meta.take_touches(false).get(&d), Some(&7));
+        meta.end_touches(None);
+        // While a sweep runs, an existence check still answers, with a commit of its own.
+        let _ = meta.take_touches(true);
+        assert!(store.ensure(&d).unwrap());
+        assert!(store.stat(&d).unwrap().unwrap().touched_ms > 7);
     }
 }

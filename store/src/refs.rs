@@ -14,6 +14,26 @@ use crate::meta::{ContainerRecord, LeaseRecord, Op, PutOp};
 use crate::reference::Reference;
 use crate::store::Store;
 
+/// A referrer of an image as the OCI referrers API lists it: the descriptor of a stored
+/// manifest or index whose `subject` is the image ([`Store::referrer_descriptors`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferrerDescriptor {
+    /// The referrer's `mediaType`.
+    pub media_type: String,
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Its `artifactType`, else (for an image manifest) its config's `mediaType`, as the
+    /// distribution spec says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// Its `annotations`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
 /// A lease and the blobs it holds.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Lease {
@@ -89,6 +109,53 @@ impl Store {
     /// Every name and the image it points at, in name order.
     pub fn names(&self) -> Result<Vec<(String, Digest)>> {
         self.inner.meta.names()
+    }
+
+    /// The tags of one repository and what each points at, in tag order (a registry's
+    /// tag list). `repository` is normalised as Docker does (`alpine` is
+    /// `docker.io/library/alpine`) and must carry no tag or digest. One range scan.
+    pub fn tags(&self, repository: &str) -> Result<Vec<(String, Digest)>> {
+        let last = repository.rsplit('/').next().unwrap_or(repository);
+        if last.contains(':') || last.contains('@') {
+            return Err(Error::Invalid(format!(
+                "{repository:?} names a tag or digest; give the repository alone"
+            )));
+        }
+        let name = Reference::parse(repository)?.name();
+        let start = format!("{name}:");
+        let txn = self.inner.meta.read()?;
+        let t = redb::ReadTransaction::open_table(&txn, crate::meta::NAMES)?;
+        let mut out = Vec::new();
+        for r in redb::ReadableTable::range::<&str>(&t, start.as_str()..)? {
+            let (k, v) = r?;
+            let Some(tag) = k.value().strip_prefix(start.as_str()) else {
+                break;
+            };
+            // `name:tag@digest` forms list under their tag.
+            let tag = tag.split('@').next().unwrap_or(tag);
+            out.push((tag.to_owned(), Digest::from_key(v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The repositories (canonical `registry/repository`) that have a name starting with
+    /// `prefix`, each once, in order (a registry's catalog; `""` for all).
+    pub fn repositories(&self, prefix: &str) -> Result<Vec<String>> {
+        let txn = self.inner.meta.read()?;
+        let t = redb::ReadTransaction::open_table(&txn, crate::meta::NAMES)?;
+        let mut out = std::collections::BTreeSet::new();
+        for r in redb::ReadableTable::range::<&str>(&t, prefix..)? {
+            let (k, _) = r?;
+            let k = k.value();
+            if !k.starts_with(prefix) {
+                break;
+            }
+            // The repository ends at the tag's ':' or the digest's '@' after the last '/'.
+            let slash = k.rfind('/').map_or(0, |i| i + 1);
+            let end = k[slash..].find([':', '@']).map_or(k.len(), |i| slash + i);
+            out.insert(k[..end].to_owned());
+        }
+        Ok(out.into_iter().collect())
     }
 
     /// Removes a name (`rmi`). Given a digest (or `name@digest`), removes every name that
@@ -223,6 +290,56 @@ impl Store {
     pub fn referrers(&self, d: &Digest) -> Result<Vec<Digest>> {
         let txn = self.inner.meta.read()?;
         crate::meta::Meta::referrers(&txn, d)
+    }
+
+    /// The referrers of `subject` as descriptors (the OCI referrers API's answer),
+    /// optionally only those of `artifact_type`, in digest order. Each is read from the
+    /// stored manifest (small JSON, from the mapping); a referrer collected meanwhile is
+    /// left out.
+    pub fn referrer_descriptors(
+        &self,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<ReferrerDescriptor>> {
+        let mut out = Vec::new();
+        for d in self.referrers(subject)? {
+            let bytes = match self.get(&d) {
+                Ok(b) => b,
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Corrupt(format!("stored referrer {d} is not JSON: {e}")))?;
+            let text = |v: &serde_json::Value| v.as_str().map(str::to_owned);
+            let kind = self.stat(&d)?.map(|i| i.kind);
+            let media_type = text(&v["mediaType"]).unwrap_or_else(|| {
+                match kind {
+                    Some(crate::Kind::Index) => crate::image::media::OCI_INDEX,
+                    _ => crate::image::media::OCI_MANIFEST,
+                }
+                .to_owned()
+            });
+            let found = text(&v["artifactType"]).or_else(|| text(&v["config"]["mediaType"]));
+            if artifact_type.is_some_and(|want| found.as_deref() != Some(want)) {
+                continue;
+            }
+            let annotations = v["annotations"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(ReferrerDescriptor {
+                media_type,
+                digest: d,
+                size: bytes.len() as u64,
+                artifact_type: found,
+                annotations,
+            });
+        }
+        Ok(out)
     }
 
     /// The children a stored manifest or index names (its edges).

@@ -845,8 +845,15 @@ impl Store {
     }
 
     /// What the index knows about a blob, or `None`.
+    ///
+    /// `touched_ms` includes a refresh by [`Store::ensure`] that no transaction has
+    /// written yet.
     pub fn stat(&self, d: &Digest) -> Result<Option<BlobInfo>> {
-        self.snapshot()?.stat(d)
+        let mut info = self.snapshot()?.stat(d)?;
+        if let (Some(i), Some(ms)) = (info.as_mut(), self.inner.meta.pending_touch(d)) {
+            i.touched_ms = i.touched_ms.max(ms);
+        }
+        Ok(info)
     }
 
     /// Whether a blob is stored (a pure read; see [`Store::ensure`] for the check a client
@@ -855,9 +862,32 @@ impl Store {
         Ok(self.stat(d)?.is_some())
     }
 
-    /// Whether a blob is stored, refreshing its `touched` time durably when it is, so that a
-    /// client that skips an upload because of this answer is covered by the GC grace period.
+    /// Whether a blob is stored, refreshing its `touched` time when it is, so that a client
+    /// that skips an upload because of this answer (a registry's `HEAD`) is covered by the
+    /// GC grace period. Costs no commit of its own: the refresh is written by the next
+    /// transaction of any writer or collection, and a collection in this process always
+    /// honours it. A crash before that commit loses the refresh — safe, because the worst
+    /// it allows is a later collection taking the blob, which a manifest put then reports
+    /// as an absent child (the client uploads it again). [`Store::ensure_durable`] commits
+    /// the refresh before it answers.
     pub fn ensure(&self, d: &Digest) -> Result<bool> {
+        /// Waiting refreshes beyond this are committed at once (memory stays bounded).
+        const MAX_PENDING: usize = 1 << 16;
+        let (later, pending) = self.inner.meta.touch_later(d, crate::sys::now_ms());
+        if !later {
+            // A collection is deciding right now; order the refresh after it.
+            return self.ensure_durable(d);
+        }
+        let there = self.contains(d)?;
+        if pending > MAX_PENDING {
+            self.inner.meta.submit(crate::meta::Op::Seal(Vec::new()))?;
+        }
+        Ok(there)
+    }
+
+    /// [`Store::ensure`] with the refresh committed durably before it answers (one commit,
+    /// shared with concurrent writers).
+    pub fn ensure_durable(&self, d: &Digest) -> Result<bool> {
         if !self.contains(d)? {
             return Ok(false);
         }

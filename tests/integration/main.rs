@@ -29,6 +29,7 @@ mod model;
 mod oci;
 mod powerloss;
 mod recovery;
+mod registry;
 mod regressions;
 mod reopen;
 mod roundtrip;
