@@ -450,6 +450,7 @@ struct Found {
 
 impl Store {
     /// Imports an OCI layout directory, or a tar file (OCI archive or `docker save`).
+    #[tracing::instrument(level = "info", name = "import", skip(self, opts), fields(path = %path.display()))]
     pub fn import_path(&self, path: &Path, opts: &ImportOptions) -> Result<ImportOutcome> {
         let meta = std::fs::metadata(path).ctx("stat", path)?;
         if meta.is_dir() {
@@ -554,6 +555,7 @@ impl Store {
 
     /// Interprets the staged archive, checks every descriptor, and commits blobs, edges
     /// and names in one transaction.
+    #[tracing::instrument(level = "debug", name = "import_commit", skip_all, fields(blobs = st.blobs.len()))]
     fn finish_import(&self, mut st: Stage<'_>, opts: &ImportOptions) -> Result<ImportOutcome> {
         let mut kinds: HashMap<Digest, Kind> = HashMap::new();
         let mut found = Vec::new();
@@ -1239,6 +1241,7 @@ impl Store {
     /// [`Store::export`] that stops with [`Error::Interrupted`] once `interrupt` is set
     /// (checked before every blob): what was written to `out` by then is a cut-short
     /// archive, which [`Store::export_path`] never lets anyone see.
+    #[tracing::instrument(level = "info", name = "export", skip(self, out, interrupt))]
     pub fn export_with(
         &self,
         refs: &[String],
@@ -1310,6 +1313,7 @@ impl Store {
     /// [`Store::export_dir`], built in a directory beside `dir` and renamed into place,
     /// so that `dir` appears whole or not at all; stops with [`Error::Interrupted`] once
     /// `interrupt` is set (checked before every blob).
+    #[tracing::instrument(level = "info", name = "export_dir", skip(self, interrupt), fields(dir = %dir.display()))]
     pub fn export_dir_with(
         &self,
         refs: &[String],

@@ -30,6 +30,11 @@ pub struct Cli {
     /// Print no progress.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Log the library's operations (spans with sizes and durations) on standard error;
+    /// `RUST_LOG` (e.g. `layerstore=trace`) picks what. A command handed to the process
+    /// holding the store logs there, if it logs.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -499,9 +504,24 @@ pub fn run_in(cli: &Cli, session: &Session, out: &mut dyn Write) -> Result<()> {
             .map_err(stdout_err)?;
         }
         Command::Info { json } => {
-            let info = open_reading()?.info()?;
+            let store = open_reading()?;
+            let info = store.info()?;
+            // Since the store was opened: by this command, or by the process serving it.
+            let m = store.metrics();
             if *json {
-                write_json(out, &info)?;
+                #[derive(serde::Serialize)]
+                struct WithMetrics<'a> {
+                    #[serde(flatten)]
+                    info: &'a crate::Info,
+                    metrics: &'a crate::Metrics,
+                }
+                write_json(
+                    out,
+                    &WithMetrics {
+                        info: &info,
+                        metrics: &m,
+                    },
+                )?;
             } else {
                 writeln!(
                     out,
@@ -521,6 +541,20 @@ pub fn run_in(cli: &Cli, session: &Session, out: &mut dyn Write) -> Result<()> {
                     info.dead_bytes,
                     info.ingests,
                     info.ingest_bytes
+                )
+                .map_err(stdout_err)?;
+                writeln!(
+                    out,
+                    "since open:      {} blob(s) written ({} bytes), {} removed, {} read; \
+                     {} commit(s), mean {} us, max {} us; {} collection(s)",
+                    m.blobs_written,
+                    m.bytes_written,
+                    m.blobs_removed,
+                    m.reads,
+                    m.commits,
+                    m.commit_us.checked_div(m.commits).unwrap_or(0),
+                    m.commit_us_max,
+                    m.gc_runs
                 )
                 .map_err(stdout_err)?;
             }

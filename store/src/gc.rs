@@ -451,6 +451,7 @@ impl Store {
     /// edges (its children become collectable, not deleted). The commit is durable before
     /// a large blob's file is removed. Returns the blob's size; [`Error::NotFound`] if it
     /// is not stored.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub fn delete(&self, d: &Digest) -> Result<u64> {
         let o = self.inner.meta.submit(Op::Delete(*d))?;
         let mut size = 0;
@@ -512,11 +513,46 @@ impl Store {
         between: &mut dyn FnMut(),
         progress: &dyn Progress,
     ) -> Result<GcReport> {
+        let _span = tracing::info_span!("gc", dry_run = opts.dry_run).entered();
+        let waited = Instant::now();
         let _one_at_a_time = self
             .inner
             .gc_lock
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = &self.inner.meta.stats;
+        crate::metrics::add(&st.gc_lock_wait_us, crate::metrics::us(waited.elapsed()));
+        let start = Instant::now();
+        let r = self.collect_locked(opts, interrupt, between, progress);
+        let took = crate::metrics::us(start.elapsed());
+        crate::metrics::add(&st.gc_runs, 1);
+        crate::metrics::add(&st.gc_us, took);
+        st.gc_us_last
+            .store(took, std::sync::atomic::Ordering::Relaxed);
+        match &r {
+            Ok(rep) => tracing::info!(
+                removed_blobs = rep.removed_blobs,
+                removed_bytes = rep.removed_bytes,
+                marked = rep.marked,
+                mark_ms = rep.phases.mark_ms,
+                sweep_ms = rep.phases.sweep_ms,
+                compact_ms = rep.phases.compact_ms,
+                orphans_ms = rep.phases.orphans_ms,
+                took_us = took,
+                "collected"
+            ),
+            Err(e) => tracing::warn!(error = %e, took_us = took, "collection failed"),
+        }
+        r
+    }
+
+    fn collect_locked(
+        &self,
+        opts: &GcOptions,
+        interrupt: &AtomicBool,
+        between: &mut dyn FnMut(),
+        progress: &dyn Progress,
+    ) -> Result<GcReport> {
         if opts.dry_run {
             return self.collect_once(opts, interrupt, between, progress, false);
         }
@@ -778,6 +814,7 @@ impl Store {
     /// commits the new locations (a blob deleted meanwhile keeps its deletion), and
     /// unlinks the old file. A crash at any point loses nothing: before the commit the
     /// old records are still the indexed ones; after it, the new ones are durable.
+    #[tracing::instrument(level = "debug", skip(self, row), fields(dead_bytes = row.dead_bytes))]
     fn compact(&self, id: u64, row: SegmentRow) -> Result<bool> {
         let files = &self.inner.files;
         let scan =

@@ -834,6 +834,7 @@ impl Ingest {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "ingest_commit", skip(self), fields(written = self.written))]
     fn commit_inner(&mut self, digest: Option<Digest>, size: Option<u64>) -> Result<Descriptor> {
         crate::store::check_interrupt(self.opts.interrupt.as_ref())?;
         self.flush_buf()?;

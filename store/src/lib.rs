@@ -34,6 +34,7 @@ pub mod image;
 mod ingest;
 mod map;
 mod meta;
+mod metrics;
 pub mod reference;
 mod refs;
 pub mod repair;
@@ -56,6 +57,7 @@ pub use format::Kind;
 pub use gc::{GcOptions, GcReport, NoProgress, Progress};
 pub use ingest::{Ingest, MAX_REF_LEN, UploadStatus};
 pub use meta::{ContainerRecord, Counters, LeaseRecord, Location, SCHEMA_VERSION};
+pub use metrics::Metrics;
 pub use reference::Reference;
 pub use refs::{Lease, ReferrerDescriptor};
 pub use store::{

@@ -576,6 +576,8 @@ pub(crate) struct Meta {
     witness: Option<Arc<dyn Backend>>,
     /// Existence checks' refreshes of `touched`, applied by the next transaction.
     touches: Mutex<Touches>,
+    /// The store's counters (`Store::metrics`).
+    pub stats: crate::metrics::Stats,
 }
 
 /// Refreshes of `touched` not yet written ([`Meta::touch_later`]), and whether a
@@ -669,6 +671,7 @@ impl Meta {
             readers: Readers::default(),
             witness: (write && which == MetaFile::Main).then(|| backend.clone()),
             touches: Mutex::default(),
+            stats: crate::metrics::Stats::default(),
         }))
     }
 
@@ -968,6 +971,17 @@ impl Meta {
 
     /// Applies `op` durably, batched with whatever other threads submit meanwhile.
     pub fn submit(&self, op: Op) -> Result<Outcome> {
+        let start = std::time::Instant::now();
+        let r = self.submit_inner(op);
+        crate::metrics::add(&self.stats.submitted, 1);
+        crate::metrics::add(
+            &self.stats.submit_wait_us,
+            crate::metrics::us(start.elapsed()),
+        );
+        r
+    }
+
+    fn submit_inner(&self, op: Op) -> Result<Outcome> {
         let mut q = self
             .queue
             .lock()
@@ -1069,9 +1083,11 @@ impl Meta {
         resolved: &mut HashMap<u64, Result<()>>,
         touches: &HashMap<Digest, u64>,
     ) -> Result<Vec<Result<Outcome>>> {
+        let start = std::time::Instant::now();
         let mut txn = self.db.begin_write()?;
         let durable = batch.iter().any(|(_, op)| op.needs_durability())
             || txn.set_durability(redb::Durability::None).is_err();
+        let _span = tracing::trace_span!("commit", ops = batch.len(), durable).entered();
         if durable {
             txn.set_quick_repair(true);
         }
@@ -1098,7 +1114,46 @@ impl Meta {
         if durable {
             self.write_witness(seq);
         }
+        self.count(batch, &outcomes, durable, start.elapsed());
         Ok(outcomes)
+    }
+
+    /// Counts a committed transaction and what it wrote and removed.
+    fn count(
+        &self,
+        batch: &[(u64, Op)],
+        outcomes: &[Result<Outcome>],
+        durable: bool,
+        took: std::time::Duration,
+    ) {
+        use crate::metrics::add;
+        let st = &self.stats;
+        let us = crate::metrics::us(took);
+        add(&st.commits, 1);
+        add(&st.durable_commits, u64::from(durable));
+        add(&st.commit_ops, batch.len() as u64);
+        add(&st.commit_us, us);
+        st.commit_us_max
+            .fetch_max(us, std::sync::atomic::Ordering::Relaxed);
+        for ((_, op), o) in batch.iter().zip(outcomes) {
+            let Ok(o) = o else { continue };
+            if let Op::Put(p) = op {
+                let (mut n, mut bytes) = (0, 0);
+                for (i, b) in p.blobs.iter().enumerate() {
+                    if !o.lost.contains(&i) {
+                        n += 1;
+                        bytes += b.entry.size;
+                    }
+                }
+                add(&st.blobs_written, n);
+                add(&st.bytes_written, bytes);
+            }
+            add(&st.blobs_removed, o.sweep.deleted.len() as u64);
+            add(
+                &st.bytes_removed,
+                o.sweep.deleted.iter().map(|(_, e)| e.size).sum(),
+            );
+        }
     }
 }
 

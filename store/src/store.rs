@@ -274,9 +274,11 @@ pub struct Store {
 
 /// A [`Store`] that does not keep it open: [`WeakStore::upgrade`] gives the store while
 /// another handle holds it.
+#[cfg(feature = "cli")]
 #[derive(Clone)]
 pub(crate) struct WeakStore(std::sync::Weak<Inner>);
 
+#[cfg(feature = "cli")]
 impl WeakStore {
     /// The store, if it is still open.
     pub fn upgrade(&self) -> Option<Store> {
@@ -284,6 +286,7 @@ impl WeakStore {
     }
 }
 
+#[cfg(feature = "cli")]
 impl Store {
     /// A handle that does not keep the store open.
     pub(crate) fn downgrade(&self) -> WeakStore {
@@ -584,6 +587,7 @@ impl Store {
 
     /// Stores one blob with options (kind, expected digest and size).
     #[allow(clippy::needless_pass_by_value)] // options are built inline by callers
+    #[tracing::instrument(level = "debug", name = "put", skip_all, fields(size = data.len()))]
     pub fn put_with(&self, data: &[u8], opts: PutOptions) -> Result<Descriptor> {
         let alg = opts.expected.map_or(Algorithm::Sha256, |d| d.algorithm());
         let kind = opts.kind.unwrap_or(Kind::Other);
@@ -752,6 +756,7 @@ impl Store {
     /// Stores many blobs (sha256) in one batch: hashed in parallel, appended to one shard
     /// with one fsync per touched segment, and made visible by one commit. Returns the
     /// descriptors in input order.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn put_many<B>(&self, blobs: impl IntoIterator<Item = B>) -> Result<Vec<Descriptor>>
     where
         B: AsRef<[u8]> + Sync,
@@ -819,14 +824,28 @@ impl Store {
     /// The bytes of a blob: zero-copy from a memory map for sealed segments and large
     /// files, a copy for the active segment.
     pub fn get(&self, d: &Digest) -> Result<Blob> {
-        self.snapshot()?.get(d)
+        let b = self.snapshot()?.get(d)?;
+        self.count_read(b.len());
+        Ok(b)
+    }
+
+    fn count_read(&self, n: usize) {
+        let st = &self.inner.meta.stats;
+        crate::metrics::add(&st.reads, 1);
+        crate::metrics::add(&st.bytes_read, n as u64);
+    }
+
+    /// The store's counters since it was opened (bytes and blobs in and out, commits
+    /// and their latency, waits, collections): cheap, for a host to export.
+    pub fn metrics(&self) -> crate::Metrics {
+        self.inner.meta.stats.snapshot()
     }
 
     /// `len` bytes of a blob from `offset`, clamped to the blob's end (as an HTTP range
     /// is). An `offset` past the end is [`Error::OutOfRange`]; at the end, the range is
     /// empty.
     pub fn read_range(&self, d: &Digest, offset: u64, len: u64) -> Result<Blob> {
-        let b = self.get(d)?;
+        let b = self.snapshot()?.get(d)?;
         let size = b.len() as u64;
         if offset > size {
             return Err(Error::OutOfRange {
@@ -836,6 +855,7 @@ impl Store {
             });
         }
         let end = offset.saturating_add(len).min(size) as usize;
+        self.count_read(end - offset as usize);
         Ok(b.slice(offset as usize..end))
     }
 

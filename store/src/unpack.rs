@@ -817,6 +817,7 @@ fn remove_tree(path: &Path) -> Result<()> {
 impl Store {
     /// Unpacks the image `reference` (a name or digest; an index picks `opts.platform`)
     /// into `dir`, which must not exist. See the module documentation for the rules.
+    #[tracing::instrument(level = "info", skip(self, opts), fields(dir = %dir.display()))]
     pub fn unpack(
         &self,
         reference: &str,

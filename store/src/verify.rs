@@ -333,6 +333,7 @@ impl Store {
 
     /// Checks the store at `opts.depth`, collecting every problem; with `opts.repair`,
     /// quarantines corrupt blobs and rebuilds counts. `progress` receives bytes checked.
+    #[tracing::instrument(level = "info", skip_all, fields(depth = ?opts.depth, repair = opts.repair))]
     pub fn verify(
         &self,
         opts: &VerifyOptions,

@@ -292,3 +292,71 @@ fn an_existence_check_racing_collections_is_never_broken() {
     assert!(runs > 5, "only {runs} collections ran");
     assert!(promised > 0 && promised < 64, "{promised} of 64 promised");
 }
+
+#[test]
+fn metrics_count_what_the_store_did() {
+    let store = common::open(&common::tempdir().keep());
+    let m0 = store.metrics();
+    assert_eq!(m0.blobs_written, 0);
+    let a = store.put(b"metrics-a").unwrap().digest;
+    store.put(b"metrics-a").unwrap(); // stored already: nothing written
+    store.put(&common::blob(77, 2 * MIB)).unwrap();
+    let m = store.metrics();
+    assert_eq!(m.blobs_written, 2, "{m:?}");
+    assert_eq!(m.bytes_written, 9 + 2 * MIB as u64);
+    assert!(
+        m.commits >= 2 && m.durable_commits >= 2 && m.commit_ops >= m.commits,
+        "{m:?}"
+    );
+    assert!(
+        m.commit_us_max > 0 && m.commit_us >= m.commit_us_max,
+        "{m:?}"
+    );
+    assert!(m.submitted >= 3 && m.submit_wait_us > 0, "{m:?}");
+    assert_eq!(&*store.get(&a).unwrap(), b"metrics-a");
+    assert_eq!(store.read_range(&a, 2, 3).unwrap().len(), 3);
+    let m = store.metrics();
+    assert_eq!((m.reads, m.bytes_read), (2, 12), "{m:?}");
+    store.delete(&a).unwrap();
+    store
+        .gc(
+            &GcOptions::default().grace(Duration::ZERO),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+    let m = store.metrics();
+    assert_eq!(m.blobs_removed, 2, "{m:?}");
+    assert_eq!(m.bytes_removed, 9 + 2 * MIB as u64);
+    assert_eq!(m.gc_runs, 1);
+    assert!(m.gc_us > 0 && m.gc_us_last == m.gc_us, "{m:?}");
+}
+
+#[test]
+fn verbose_logs_spans_with_durations_and_is_silent_otherwise() {
+    let root = common::tempdir().keep();
+    common::ok_stdout(&common::run_with_stdin(
+        common::store_cmd(&root).args(["blob", "put", "-"]),
+        Some(b"logged"),
+    ));
+    let out = common::run(common::store_cmd(&root).args(["--verbose", "gc"]));
+    common::ok_stdout(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("collected") && err.contains("removed_blobs"),
+        "{err}"
+    );
+    assert!(
+        err.contains("time.busy"),
+        "spans close with their duration: {err}"
+    );
+    let out = common::run(common::store_cmd(&root).env_remove("RUST_LOG").args(["gc"]));
+    common::ok_stdout(&out);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = common::ok_stdout(&common::cli(&root, &["info", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert!(v["metrics"]["commits"].is_u64(), "{v}");
+}
