@@ -20,25 +20,30 @@ use serde_json::Value;
 use crate::common;
 use crate::oci;
 
-/// The example embedder, built (or found fresh) by cargo.
-fn embedder_bin() -> PathBuf {
+/// An example of the `layerstore` package, built (or found fresh) by cargo.
+fn example_bin(name: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "layerstore", "--example", "embedder"])
+        .args(["build", "-q", "-p", "layerstore", "--example", name])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
-        .expect("run cargo to build the example embedder");
-    assert!(status.success(), "building the example embedder failed");
-    // target/debug/deps/integration-… -> target/debug/examples/embedder
+        .expect("run cargo to build an example");
+    assert!(status.success(), "building the example {name} failed");
+    // target/debug/deps/integration-… -> target/debug/examples/NAME
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()
         .unwrap()
         .parent()
         .unwrap()
-        .join("examples/embedder");
+        .join("examples")
+        .join(name);
     assert!(bin.exists(), "{} was not built", bin.display());
     bin
+}
+
+fn embedder_bin() -> PathBuf {
+    example_bin("embedder")
 }
 
 /// The embedder process; stopped (standard input closed, then waited for) when dropped.
@@ -320,4 +325,53 @@ fn a_stalled_or_malformed_client_neither_pins_the_store_nor_hangs() {
     let again = layerstore::Store::open(&root, layerstore::Options::default());
     assert!(again.is_ok(), "{:?}", again.err());
     drop(stalled);
+}
+
+#[test]
+fn the_runtime_example_unpacks_under_a_container() {
+    let tmp = common::tempdir();
+    let root = tmp.path().join("store");
+    let store = common::open(&root);
+    let img = oci::plain(&[vec![oci::file("etc/motd", b"hello runtime")]]);
+    img.store(&store, "example.com/rt:1");
+    drop(store);
+    let rootfs = tmp.path().join("rootfs");
+    let out = common::run(
+        Command::new(example_bin("unpack"))
+            .arg(&root)
+            .arg("example.com/rt:1")
+            .arg(&rootfs)
+            .arg("web"),
+    );
+    let text = common::ok_stdout(&out);
+    assert!(text.contains("1 layers"), "{text}");
+    assert_eq!(
+        std::fs::read(rootfs.join("etc/motd")).unwrap(),
+        b"hello runtime"
+    );
+    // The container holds the image against a collection.
+    let store = common::open(&root);
+    let c = store.containers().unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].name, "web");
+    assert_eq!(c[0].image, img.digest);
+    store.remove_image("example.com/rt:1", true).unwrap();
+    store
+        .gc(
+            &layerstore::GcOptions::default().grace(Duration::ZERO),
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+        .unwrap();
+    assert!(store.contains(&img.digest).unwrap());
+    // A second unpack into the same directory fails and leaves no container behind.
+    drop(store);
+    let out = common::run(
+        Command::new(example_bin("unpack"))
+            .arg(&root)
+            .arg(img.digest.to_string())
+            .arg(&rootfs)
+            .arg("web2"),
+    );
+    assert!(!out.status.success());
+    assert_eq!(common::open(&root).containers().unwrap().len(), 1);
 }
