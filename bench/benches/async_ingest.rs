@@ -51,12 +51,7 @@ fn main() {
     }
     let rounds = env("ROUNDS", 5);
     let n = env("LAYERS", 64);
-    let base = std::env::var_os("BENCH_DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-tmp"),
-        std::path::PathBuf::from,
-    );
-    std::fs::create_dir_all(&base).expect("bench dir");
-    let dir = tempfile::tempdir_in(base).expect("bench dir");
+    let dir = layerstore_bench::bench_dir();
 
     // The layers: xorshift bytes, so neither side can compress or dedupe them.
     let layers: Vec<Arc<Vec<u8>>> = (0..n)

@@ -28,26 +28,9 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks benches to list themselves.
     }
-    let base = std::env::var_os("BENCH_DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-tmp"),
-        std::path::PathBuf::from,
-    );
-    std::fs::create_dir_all(&base).expect("bench dir");
-    let dir = tempfile::tempdir_in(base).expect("bench dir");
+    let dir = layerstore_bench::bench_dir();
     let store = Store::open(dir.path().join("store"), Options::default()).expect("open");
-    let blobs: Vec<Vec<u8>> = (0..BLOBS)
-        .map(|i| {
-            let mut b = vec![0u8; 4096];
-            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            b
-        })
-        .collect();
-    let digests: Vec<Digest> = store
-        .put_many(&blobs)
-        .expect("put")
-        .into_iter()
-        .map(|d| d.digest)
-        .collect();
+    let digests: Vec<Digest> = layerstore_bench::small_blobs(&store, BLOBS as u64);
     let astore = AsyncStore::new(store.clone());
     let multi = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -31,12 +31,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2048);
-    let base = std::env::var_os("BENCH_DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-tmp"),
-        std::path::PathBuf::from,
-    );
-    std::fs::create_dir_all(&base).expect("bench dir");
-    let dir = tempfile::tempdir_in(base).expect("bench dir");
+    let dir = layerstore_bench::bench_dir();
     let root = dir.path().join("store");
     let chunk: Vec<u8> = (0..8 * MIB)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761) as u8)

@@ -30,6 +30,39 @@ fn current() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A task that measures the longest time its runtime could not run it (it wakes every
+/// 5 ms): a liveness check, not a speed goal.
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    gap: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watchdog {
+    fn start() -> Watchdog {
+        let stop = Arc::new(AtomicBool::new(false));
+        let gap = Arc::new(AtomicU64::new(0));
+        let (s, g) = (stop.clone(), gap.clone());
+        let task = tokio::spawn(async move {
+            let mut last = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let now = Instant::now();
+                g.fetch_max((now - last).as_micros() as u64, Ordering::Relaxed);
+                last = now;
+            }
+        });
+        Watchdog { stop, gap, task }
+    }
+
+    /// Stops it; the longest gap seen, in microseconds.
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.gap.load(Ordering::Relaxed)
+    }
+}
+
 /// Records every thread that did store I/O on a simulated backend.
 fn io_threads(sim: &SimBackend) -> Arc<Mutex<Vec<std::thread::ThreadId>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -128,21 +161,7 @@ fn a_current_thread_runtime_never_does_store_io_itself() {
     seen.lock().unwrap().clear();
     let store = AsyncStore::new(sync_store.clone());
     let max_gap = rt.block_on(async {
-        // The watchdog: the longest time the runtime could not run it.
-        let stop = Arc::new(AtomicBool::new(false));
-        let gap = Arc::new(AtomicU64::new(0));
-        let watchdog = {
-            let (stop, gap) = (stop.clone(), gap.clone());
-            tokio::spawn(async move {
-                let mut last = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    let now = Instant::now();
-                    gap.fetch_max((now - last).as_micros() as u64, Ordering::Relaxed);
-                    last = now;
-                }
-            })
-        };
+        let watchdog = Watchdog::start();
         let mut digests = Vec::new();
         for i in 0..16u64 {
             let data = common::blob(100 + i, if i % 3 == 0 { 2 * MIB } else { 9 * KIB });
@@ -177,9 +196,7 @@ fn a_current_thread_runtime_never_does_store_io_itself() {
             .gc(GcOptions::default().grace(Duration::ZERO))
             .await
             .unwrap();
-        stop.store(true, Ordering::Relaxed);
-        watchdog.await.unwrap();
-        gap.load(Ordering::Relaxed)
+        watchdog.finish().await
     });
     // Before anything is dropped on this thread (a store's drop does I/O).
     let seen = seen.lock().unwrap().clone();
@@ -224,20 +241,7 @@ fn in_place_reads_on_a_multi_thread_runtime_never_stall_other_tasks() {
     let store = AsyncStore::new(sync_store.clone());
     let max_gap = rt.block_on(async {
         tokio::spawn(async move {
-            let stop = Arc::new(AtomicBool::new(false));
-            let gap = Arc::new(AtomicU64::new(0));
-            let watchdog = {
-                let (stop, gap) = (stop.clone(), gap.clone());
-                tokio::spawn(async move {
-                    let mut last = Instant::now();
-                    while !stop.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        let now = Instant::now();
-                        gap.fetch_max((now - last).as_micros() as u64, Ordering::Relaxed);
-                        last = now;
-                    }
-                })
-            };
+            let watchdog = Watchdog::start();
             // Let the watchdog start, then read.
             tokio::time::sleep(Duration::from_millis(20)).await;
             for d in &digests {
@@ -245,9 +249,7 @@ fn in_place_reads_on_a_multi_thread_runtime_never_stall_other_tasks() {
                 assert_eq!(b.len(), 5000);
                 assert!(store.contains(*d).await.unwrap());
             }
-            stop.store(true, Ordering::Relaxed);
-            watchdog.await.unwrap();
-            gap.load(Ordering::Relaxed)
+            watchdog.finish().await
         })
         .await
         .unwrap()

@@ -269,7 +269,10 @@ fn every_command_works() {
     let info = store.info().expect("info");
     let mut without_metrics = v.clone();
     without_metrics.as_object_mut().unwrap().remove("metrics");
-    assert_eq!(serde_json::to_value(&info).expect("serialize"), without_metrics);
+    assert_eq!(
+        serde_json::to_value(&info).expect("serialize"),
+        without_metrics
+    );
     assert!(matches!(
         store
             .stat(&d_large)
