@@ -357,3 +357,85 @@ fn an_orphan_pass_racing_a_resume_never_removes_a_resumed_upload() {
     );
     assert_eq!(&*store.get(&want).unwrap(), &data[..]);
 }
+
+/// Where `upload_writer_child` finds its store root: set only for that child process.
+const CHILD_ROOT: &str = "LAYERSTORE_UPLOAD_CHILD_ROOT";
+
+/// The writer process of `resume_after_kill_9_starts_at_the_last_sync`: syncs 12 MiB of
+/// a 20 MiB upload, writes the rest unsynced, and waits to be killed.
+#[test]
+#[ignore = "the child process of resume_after_kill_9_starts_at_the_last_sync"]
+fn upload_writer_child() {
+    let root = std::env::var_os(CHILD_ROOT).expect("run by its parent test");
+    let store = common::open_with(std::path::Path::new(&root), opts());
+    let data = common::blob(77, 20 * MIB);
+    let mut ing = store.ingest("killed", PutOptions::default()).unwrap();
+    for (i, chunk) in data.chunks(4 * MIB).enumerate() {
+        ing.write_all(chunk).unwrap();
+        if i < 3 {
+            println!("synced {}", ing.sync().unwrap());
+        }
+    }
+    println!("waiting");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A real process killed with SIGKILL mid-upload: the upload resumes at its last sync
+/// point, from the hash state saved there (nothing is read back), and commits to the
+/// right digest.
+#[test]
+fn resume_after_kill_9_starts_at_the_last_sync() {
+    use std::io::BufRead;
+    let dir = common::tempdir();
+    let root = dir.path().join("store");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "uploads::upload_writer_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ROOT, &root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut synced = 0u64;
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(n) = line.strip_prefix("synced ") {
+            synced = n.parse().unwrap();
+        }
+        if line == "waiting" {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(synced, 12 * MIB as u64);
+
+    let store = common::open_with(&root, opts());
+    let st = store
+        .upload("killed")
+        .unwrap()
+        .expect("the upload survived");
+    assert_eq!(st.durable_offset, synced);
+    assert!(!st.active);
+    // The state holds the hash of exactly the durable bytes: a resume starts from it.
+    let state = root
+        .join("ingest")
+        .join(blake3::hash(b"killed").to_hex().as_str())
+        .join("state");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(v["hash"]["len"].as_u64(), Some(synced), "{v}");
+    let data = common::blob(77, 20 * MIB);
+    let mut ing = store.ingest("killed", PutOptions::default()).unwrap();
+    assert_eq!(ing.offset(), synced);
+    ing.write_all(&data[synced as usize..]).unwrap();
+    let d = ing.commit().unwrap();
+    assert_eq!(d.digest, common::sha256(&data));
+    assert_eq!(&*store.get(&d.digest).unwrap(), &data[..]);
+}
